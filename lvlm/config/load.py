@@ -1,0 +1,170 @@
+"""Loading, validating and dumping configs: YAML file + dotted CLI overrides -> ``Config``.
+
+Every user error becomes a ``ConfigError`` that names the bad key or value and lists the
+valid choices, raised before any model, data or process group is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from pathlib import Path
+from typing import Sequence
+
+import draccus
+
+from lvlm.config.schema import (
+    Config,
+    ConnectorConfig,
+    MLPConnectorConfig,
+    SourceConfig,
+    VisionConfig,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration the framework refuses, with the reason and the valid choices."""
+
+
+_CHOICE_CLASSES = {"model.vision": VisionConfig, "model.connector": ConnectorConfig, "data.source": SourceConfig}
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _explain(err: Exception) -> str:
+    """Turn a draccus decoding error into a message that lists what is valid."""
+    msg = str(err)
+    m = re.match(r"`([\w.]*)`: The fields `(.*)` are not valid for (\w+)", msg)
+    if m:
+        path, bad, cls_name = m.groups()
+        cls = _resolve_class(path, cls_name)
+        valid = ", ".join(_field_names(cls)) if cls else "?"
+        where = path or "<top level>"
+        return f"unknown key(s) {bad} under '{where}'; valid keys: {valid}"
+    m = re.search(r"`([\w.]*)`:.*?(?:type|choice).*?`?(\w+)`? .*not", msg)
+    for path, registry in _CHOICE_CLASSES.items():
+        if path in msg and ("type" in msg or "choice" in msg.lower()):
+            return f"{msg}; valid '{path}.type' choices: {', '.join(sorted(registry.get_known_choices()))}"
+    return msg
+
+
+def _resolve_class(path: str, cls_name: str):
+    for registry in _CHOICE_CLASSES.values():
+        for cls in registry.get_known_choices().values():
+            if cls.__name__ == cls_name:
+                return cls
+    cls = Config
+    for part in [p for p in path.split(".") if p]:
+        types = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        factory = types.get(part)
+        if factory is None or factory is dataclasses.MISSING:
+            return None
+        cls = type(factory())
+    return cls if cls.__name__ == cls_name else None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Parse an optional YAML file plus ``--dotted.key value`` overrides, then validate."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    _check_choice_overrides(overrides)
+    try:
+        args = _with_choice_types(path, list(overrides))
+        cfg = draccus.parse(Config, config_path=str(path) if path else None, args=args)
+    except SystemExit as e:  # argparse exits on unknown CLI flags
+        raise ConfigError(f"bad command-line override(s) {' '.join(overrides)}: see `lvlm train --help`") from e
+    except Exception as e:  # draccus.utils.DecodingError and friends
+        raise ConfigError(_explain(e)) from e
+    validate(cfg)
+    return cfg
+
+
+def _check_choice_overrides(overrides: Sequence[str]) -> None:
+    """Give invalid ``--x.type`` choices and unknown flags our message rather than argparse's."""
+    args = list(overrides)
+    for i, a in enumerate(args):
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else None
+        if key is None:
+            continue
+        value = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+        for path, registry in _CHOICE_CLASSES.items():
+            if key == f"{path}.type" and value not in registry.get_known_choices():
+                valid = ", ".join(sorted(registry.get_known_choices()))
+                raise ConfigError(f"invalid choice '{value}' for {key}; valid choices: {valid}")
+
+
+def _with_choice_types(path, args: list[str]) -> list[str]:
+    """draccus needs ``--x.type`` whenever a field of choice ``x`` is overridden: supply the current one."""
+    touched = [p for p in _CHOICE_CLASSES if any(a.startswith(f"--{p}.") for a in args)]
+    missing = [p for p in touched if not any(a.split("=")[0] == f"--{p}.type" for a in args)]
+    if not missing:
+        return args
+    base = draccus.parse(Config, config_path=str(path) if path else None, args=[])
+    for p in missing:
+        obj = base
+        for part in p.split("."):
+            obj = getattr(obj, part)
+        args = [f"--{p}.type", obj.get_choice_name(type(obj)), *args]
+    return args
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid value {value!r} for {name}; valid choices: {', '.join(map(str, choices))}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot; raise ``ConfigError`` naming the key and choices."""
+    llm = cfg.model.llm
+    _one_of("model.llm.dtype", llm.dtype, ("float32", "bfloat16", "float16"))
+    _one_of("model.llm.attn_implementation", llm.attn_implementation, ("eager", "sdpa", "flash_attention_2"))
+    if not llm.name_or_path:
+        raise ConfigError("model.llm.name_or_path is empty: give a local directory or hub id")
+    vision = cfg.model.vision
+    if getattr(vision, "name_or_path", None) == "":
+        raise ConfigError("model.vision.name_or_path is empty: give a local directory or hub id")
+    if getattr(vision, "arch", None) == "":
+        raise ConfigError("model.vision.arch is empty: give an open_clip architecture or model-config JSON")
+    if vision.image_size is not None:
+        _positive("model.vision.image_size", vision.image_size)
+    if isinstance(cfg.model.connector, MLPConnectorConfig):
+        _positive("model.connector.depth", cfg.model.connector.depth)
+        _one_of("model.connector.activation", cfg.model.connector.activation, ("gelu", "relu", "silu", "tanh"))
+    _positive("data.max_length", cfg.data.max_length)
+    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    _positive("data.shuffle_buffer", cfg.data.shuffle_buffer, allow_zero=True)
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _one_of("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
+    if not 0.0 <= o.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    t = cfg.train
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.grad_accum", t.grad_accum)
+    _positive("train.save_every", t.save_every, allow_zero=True)
+    _positive("train.keep_last", t.keep_last)
+    _positive("train.log_every", t.log_every)
+    _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+    _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    s = cfg.stage
+    if not (s.train_vision or s.train_connector or s.train_llm):
+        raise ConfigError("stage trains nothing: set at least one of stage.train_vision/train_connector/train_llm")
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (loadable again with ``load_config``)."""
+    buf = io.StringIO()
+    draccus.dump(cfg, buf)
+    return buf.getvalue()

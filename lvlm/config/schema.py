@@ -1,0 +1,220 @@
+"""The configuration schema: one dataclass per concern, choice registries for swappable parts.
+
+Every field has a docstring; defaults describe the embedded default run (the synthetic
+world, toy backbones, LLaVA stage 1 on CPU). Paths starting with ``toy://`` name assets of
+the embedded default that ``lvlm.toy`` builds and caches on first use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import draccus
+
+# ----------------------------------------------------------------------------------- vision
+
+
+@dataclass
+class VisionConfig(draccus.ChoiceRegistry):
+    """A vision encoder; ``type`` picks the backend."""
+
+    feature_layer: int = -2
+    """Hidden-state index whose patch features feed the connector (-2 = penultimate, as LLaVA)."""
+    keep_cls: bool = False
+    """Keep the CLS/prefix token(s) in the features (LLaVA drops them)."""
+    image_size: Optional[int] = None
+    """Run at this resolution instead of the encoder's native one (positions are interpolated)."""
+
+
+@VisionConfig.register_subclass("hf")
+@dataclass
+class HFVisionConfig(VisionConfig):
+    """A transformers vision tower (CLIPVisionModel or SiglipVisionModel, chosen by config.model_type)."""
+
+    name_or_path: str = ""
+    """Local directory or hub id holding the model (a full CLIP/SigLIP checkpoint or a vision-only one)."""
+    random_init: bool = False
+    """Build from the checkpoint's config with random weights (no weights are read)."""
+
+
+@VisionConfig.register_subclass("open_clip")
+@dataclass
+class OpenCLIPVisionConfig(VisionConfig):
+    """An open_clip model's visual tower (CLIP, SigLIP, EVA ...)."""
+
+    arch: str = "toy://vision/model_config.json"
+    """open_clip architecture name (e.g. ViT-L-14-336, ViT-SO400M-14-SigLIP-384, EVA02-L-14-336)
+    or the path of an open_clip model-config JSON file."""
+    pretrained: str = "toy://vision/open_clip_model.safetensors"
+    """open_clip pretrained tag or a local weights file; empty for random weights."""
+
+
+# ------------------------------------------------------------------------------- connector
+
+
+@dataclass
+class ConnectorConfig(draccus.ChoiceRegistry):
+    """Maps vision features [B, n, vision_dim] to LLM embeddings [B, m, llm_dim]."""
+
+
+@ConnectorConfig.register_subclass("linear")
+@dataclass
+class LinearConnectorConfig(ConnectorConfig):
+    """One linear projection (LLaVA-1)."""
+
+
+@ConnectorConfig.register_subclass("mlp")
+@dataclass
+class MLPConnectorConfig(ConnectorConfig):
+    """An MLP projector (LLaVA-1.5: depth 2, GELU)."""
+
+    depth: int = 2
+    """Number of linear layers (>= 1)."""
+    activation: str = "gelu"
+    """Activation between layers: gelu, relu, silu, tanh."""
+
+
+# ------------------------------------------------------------------------------------- LLM
+
+
+@dataclass
+class LLMConfig:
+    """Any transformers AutoModelForCausalLM."""
+
+    name_or_path: str = "toy://llm"
+    """Local directory or hub id of the causal LM."""
+    tokenizer: str = ""
+    """Tokenizer directory or hub id; empty = same as name_or_path."""
+    random_init: bool = False
+    """Build from the checkpoint's config with random weights."""
+    dtype: str = "float32"
+    """Parameter dtype at load time: float32, bfloat16, float16."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: eager, sdpa, flash_attention_2."""
+    image_token: str = "<image>"
+    """Placeholder token added to the tokenizer; each image becomes this many copies of it."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint (off by default)."""
+
+
+@dataclass
+class ModelConfig:
+    """Vision encoder -> connector -> LLM."""
+
+    vision: VisionConfig = field(default_factory=OpenCLIPVisionConfig)
+    connector: ConnectorConfig = field(default_factory=MLPConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class SourceConfig(draccus.ChoiceRegistry):
+    """A caption data source; ``type`` picks the format."""
+
+
+@SourceConfig.register_subclass("webdataset")
+@dataclass
+class WebDatasetSourceConfig(SourceConfig):
+    """img2dataset-layout shards: NNNNN.jpg with .txt and/or .json (caption field)."""
+
+    shards: str = "toy://world/captions/train-{000000..000007}.tar"
+    """Shard URLs/paths; brace expansion and '::' separated lists allowed."""
+    caption_key: str = "txt"
+    """Where the caption is: 'txt' for the .txt member, or a field name of the .json member."""
+
+
+@SourceConfig.register_subclass("llava_json")
+@dataclass
+class LLaVAJsonSourceConfig(SourceConfig):
+    """LLaVA-style JSON (blip_laion_cc_sbu_558k.json schema: id, image, conversations) + image folder."""
+
+    json_path: str = ""
+    image_folder: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they become token sequences."""
+
+    source: SourceConfig = field(default_factory=WebDatasetSourceConfig)
+    max_length: int = 128
+    """Maximum sequence length in tokens, image tokens included; text is cut, images never are."""
+    shuffle_buffer: int = 256
+    """Seeded sample shuffle buffer (0 = stream order)."""
+    num_workers: int = 1
+    """Data-loader worker processes per rank."""
+
+
+# ------------------------------------------------------------------------ optimisation/train
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and a decay schedule."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    """Fraction of train.max_steps spent in linear warmup."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine, linear, constant."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+
+
+@dataclass
+class StageConfig:
+    """Which modules train. The default is LLaVA stage 1: connector only."""
+
+    name: str = "align"
+    train_vision: bool = False
+    train_connector: bool = True
+    train_llm: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch shape, distribution and checkpointing."""
+
+    max_steps: int = 300
+    micro_batch_size: int = 16
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = micro * accum * world size)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2, 3."""
+    precision: str = "fp32"
+    """fp32 or bf16."""
+    activation_checkpointing: bool = False
+    """Recompute LLM decoder layers in backward."""
+    save_every: int = 100
+    """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept on disk."""
+    log_every: int = 10
+    """Print a log line every N steps (metrics.jsonl gets every step)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class Config:
+    """One training run."""
+
+    run_dir: str = "runs/toy-stage1"
+    """Output directory: resolved config, environment, DeepSpeed JSON, metrics, checkpoints."""
+    seed: int = 0
+    resume: bool = False
+    """Continue from the newest complete checkpoint in run_dir (if there is one)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
