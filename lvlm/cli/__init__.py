@@ -1,0 +1,1 @@
+"""Thin commands: parse config, call the library, exit."""

@@ -1,0 +1,45 @@
+"""`lvlm` console script: dispatches to subcommands (train; later mir, data, ablate, export)."""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: lvlm <command> [args]
+
+commands:
+  train [CONFIG.yaml] [--dotted.key value ...]   pre-train an LVLM (no arguments: the embedded toy default)
+
+`lvlm <command> --help` shows a command's options."""
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N``, which the deepspeed launcher inserts (the rank
+    is also in the LOCAL_RANK environment variable, which is what lvlm reads)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            continue
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from lvlm.cli.train import main as train_main
+
+        return train_main(rest)
+    print(f"lvlm: unknown command {command!r}; valid commands: train\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

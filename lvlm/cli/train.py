@@ -1,0 +1,56 @@
+"""`lvlm train [CONFIG.yaml] [--dotted.key value ...]`.
+
+With no config file the embedded default runs: the synthetic world and toy backbones
+(built and cached on first use, see ``lvlm.toy``) and LLaVA-style stage 1 on CPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from lvlm.config import ConfigError, load_config
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """First argument is a config path unless it is an option."""
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def main(argv: list[str]) -> int:
+    path, overrides = split_args(argv)
+    if "-h" in overrides or "--help" in overrides:
+        import draccus
+
+        from lvlm.config.schema import Config
+
+        draccus.parse(Config, args=["--help"])  # prints every key with its docstring, then exits
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(f"lvlm train: config error: {e}", file=sys.stderr)
+        return 2
+    from lvlm import toy
+    from lvlm.train.engine import shutdown
+    from lvlm.train.loop import train
+
+    cfg = toy.resolve_config(cfg)
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+    shutdown()
+    return 0
+
+
+def format_summary(s) -> str:
+    lines = [f"run directory : {s.run_dir}", f"steps         : {s.steps}"
+             + (f" (resumed from {s.resumed_from})" if s.resumed_from else "")]
+    ends = s.head_tail()
+    if ends is not None:
+        lines.append(f"loss          : {ends[0]:.4f} -> {ends[1]:.4f} (mean of first/last 5 steps; "
+                     f"{100 * (s.loss_drop or 0):.1f}% lower)")
+    lines.append(f"tokens        : {s.tokens:,} supervised in {s.seconds:.1f} s")
+    if s.skipped:
+        lines.append("skipped       : " + ", ".join(f"{k}={v}" for k, v in sorted(s.skipped.items())))
+    return "\n".join(["", "== lvlm train summary ==", *lines])

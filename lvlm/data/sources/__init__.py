@@ -1,0 +1,89 @@
+"""Caption sources: the shared interface and ``build_source`` (config class -> source).
+
+A source owns one data format and one thing only: the deterministic order of one epoch. For a
+given ``(seed, epoch)`` it yields the same ``SampleRef`` sequence in every process (every rank,
+every data-loader worker), so the global sample stream can be split by index without any
+communication. A ``SampleRef`` is cheap: validity checks that decide whether a sample exists at
+all (image present, caption non-empty) happen while producing it, but expensive work (reading an
+image file, building the ``Sample``) waits for ``ref.load()``. Skipping a sample that belongs to
+another rank or worker is therefore just dropping its ref.
+
+Assumes every process sees the same files: the order contract holds only if all readers find
+the same shards/records valid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Protocol, runtime_checkable
+
+from lvlm.config.schema import LLaVAJsonSourceConfig, SourceConfig, WebDatasetSourceConfig
+from lvlm.data.sample import Sample
+from lvlm.data.skips import SkipCounter
+
+@dataclass(frozen=True)
+class SampleRef:
+    """A sample that exists in the epoch but has not been materialised yet."""
+
+    key: str
+    loader: Callable[[], Sample]
+    """Builds the ``Sample``; may raise ``OSError`` (e.g. an image file vanished)."""
+
+    def load(self) -> Sample:
+        return self.loader()
+
+
+@runtime_checkable
+class CaptionSource(Protocol):
+    """What every source offers; see the module docstring for the ordering contract."""
+
+    name: str
+
+    def iter_refs(self, seed: int, epoch: int, skips: SkipCounter) -> Iterator[SampleRef]:
+        """The valid samples of one epoch, in the deterministic order for ``(seed, epoch)``;
+        invalid ones are counted in ``skips`` by reason and not yielded."""
+        ...
+
+    def iter_samples(self, seed: int, epoch: int, skips: SkipCounter) -> Iterator[Sample]:
+        """``iter_refs`` with every ref loaded (convenience for inspection and tests)."""
+        ...
+
+
+def resolve_toy_free(path: str) -> str:
+    """Default path resolver: refuses ``toy://`` paths, which ``lvlm.toy`` must resolve first."""
+    if path.startswith("toy://"):
+        raise ValueError(
+            f"data path {path!r} names an embedded toy asset; resolve it with lvlm.toy before "
+            "building the source (pass resolve_path=...)"
+        )
+    return path
+
+
+def build_source(
+    cfg: SourceConfig,
+    *,
+    resolve_path: Optional[Callable[[str], str]] = None,
+    name: Optional[str] = None,
+) -> CaptionSource:
+    """Build the source a config describes.
+
+    ``resolve_path`` maps each configured path (after '::' splitting, before brace expansion)
+    to a real path; by default ``toy://`` paths are refused with a clear error.
+    """
+    resolve = resolve_path or resolve_toy_free
+    if isinstance(cfg, WebDatasetSourceConfig):
+        from lvlm.data.sources.webdataset_caption import WebDatasetCaptionSource
+
+        shards = "::".join(resolve(p) for p in cfg.shards.split("::") if p.strip())
+        return WebDatasetCaptionSource(shards, caption_key=cfg.caption_key, name=name or "webdataset")
+    if isinstance(cfg, LLaVAJsonSourceConfig):
+        from lvlm.data.sources.llava_json import LLaVAJsonSource
+
+        return LLaVAJsonSource(
+            resolve(cfg.json_path), resolve(cfg.image_folder), drop_prompt=True, name=name or "llava_json"
+        )
+    raise TypeError(
+        f"unsupported source config {type(cfg).__name__}; known: WebDatasetSourceConfig, LLaVAJsonSourceConfig"
+    )
+
+
+__all__ = ["SampleRef", "CaptionSource", "build_source", "resolve_toy_free"]

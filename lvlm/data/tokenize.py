@@ -1,0 +1,121 @@
+"""Sample -> token ids and labels, with image placeholders and never-split image spans.
+
+Owns the sequence layout and the truncation rule. Given a tokenizer (anything callable as
+``tokenizer(text, add_special_tokens=False)["input_ids"]``), the id of the image placeholder
+token and how many LLM tokens one image becomes, a ``Sample`` becomes::
+
+    [bos?] then per segment:
+        image      -> tokens_per_image x image_token_id            labels -100
+        user text  -> tokenizer ids                                  labels -100
+        assistant  -> tokenizer ids, then eos (if eos_token_id set)  labels = ids
+
+Labels are aligned with ``input_ids`` (no shift; the model shifts, as transformers does).
+Truncation to ``max_length`` cuts text only: if an image span would cross ``max_length``, that
+image and everything after it are dropped. A sample that had images but keeps none is dropped
+(``image_exceeds_max_length``); a sample left without any supervised label is dropped
+(``no_supervised_tokens``). Placeholder ids produced by tokenizing text (a literal ``<image>`` in
+a caption) are removed, so the number of image spans always equals the number of images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from lvlm.data.sample import ImageSegment, Sample, TextSegment
+from lvlm.data.skips import SkipCounter
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]
+    labels: list[int]
+    images: list[ImageSegment]
+    """Images whose spans are in ``input_ids``, in order (still encoded)."""
+    key: str = ""
+    source: str = ""
+
+
+def _check_int(name: str, value: Any, minimum: Optional[int]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+class SampleTokenizer:
+    """Callable turning a ``Sample`` into a ``TokenizedSample`` (or None when it must be dropped)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        image_token_id: int,
+        tokens_per_image: int,
+        max_length: int,
+        bos_token_id: Optional[int],
+        eos_token_id: Optional[int],
+    ) -> None:
+        _check_int("image_token_id", image_token_id, 0)
+        _check_int("tokens_per_image", tokens_per_image, 1)
+        _check_int("max_length", max_length, 1)
+        for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+            if value is not None:
+                _check_int(name, value, 0)
+        if image_token_id in (bos_token_id, eos_token_id):
+            raise ValueError(f"image_token_id {image_token_id} must differ from bos/eos token ids")
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.tokens_per_image = tokens_per_image
+        self.max_length = max_length
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [int(i) for i in ids if i != self.image_token_id]
+
+    def __call__(self, sample: Sample, skips: Optional[SkipCounter] = None) -> Optional[TokenizedSample]:
+        ids: list[int] = []
+        labels: list[int] = []
+        images: list[ImageSegment] = []
+        if self.bos_token_id is not None:
+            ids.append(self.bos_token_id)
+            labels.append(IGNORE_INDEX)
+        for segment in sample.segments:
+            room = self.max_length - len(ids)
+            if room <= 0:
+                break
+            if isinstance(segment, ImageSegment):
+                if self.tokens_per_image > room:
+                    break  # never split an image span: drop it and everything after it
+                ids.extend([self.image_token_id] * self.tokens_per_image)
+                labels.extend([IGNORE_INDEX] * self.tokens_per_image)
+                images.append(segment)
+            elif isinstance(segment, TextSegment):
+                text_ids = self.encode_text(segment.text)
+                if segment.supervised:
+                    if self.eos_token_id is not None:
+                        text_ids.append(self.eos_token_id)
+                    text_labels = list(text_ids)
+                else:
+                    text_labels = [IGNORE_INDEX] * len(text_ids)
+                ids.extend(text_ids[:room])
+                labels.extend(text_labels[:room])
+                if len(text_ids) > room:
+                    break
+            else:
+                raise TypeError(
+                    f"sample {sample.key!r}: unsupported segment type {type(segment).__name__}"
+                )
+        reason = None
+        if sample.num_images > 0 and not images:
+            reason = "image_exceeds_max_length"
+        elif all(label == IGNORE_INDEX for label in labels):
+            reason = "no_supervised_tokens"
+        if reason is not None:
+            if skips is not None:
+                skips.add(reason)
+            return None
+        return TokenizedSample(input_ids=ids, labels=labels, images=images, key=sample.key, source=sample.source)

@@ -1,0 +1,23 @@
+"""build_lvlm(cfg.model): the only place an LVLM is built from config.
+
+Dimensions flow from built modules: connector(in = vision.embed_dim, out = llm.hidden_size).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from lvlm.config.schema import ModelConfig
+from lvlm.models.connectors import build_connector
+from lvlm.models.llm import build_llm
+from lvlm.models.lvlm import LVLM
+from lvlm.models.vision import build_vision
+
+
+def build_lvlm(cfg: ModelConfig) -> tuple[LVLM, Callable, object]:
+    """Returns (model, image_transform, tokenizer)."""
+    vision = build_vision(cfg.vision)
+    llm = build_llm(cfg.llm)
+    connector = build_connector(cfg.connector, in_dim=vision.embed_dim, out_dim=llm.hidden_size)
+    connector.to(next(llm.parameters()).dtype)
+    model = LVLM(vision, connector, llm)
+    return model, vision.image_transform(), llm.tokenizer

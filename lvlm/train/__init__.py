@@ -1,0 +1,1 @@
+"""Training: engine (the only DeepSpeed/torch.distributed user), stages, loop, checkpoints."""

@@ -1,0 +1,102 @@
+"""Resumable checkpoints: model, optimizer, scheduler (DeepSpeed), plus data position, RNG states,
+step and config (ours).
+
+Layout: ``RUN_DIR/checkpoints/step_00000100/`` holds DeepSpeed's files, one ``rng_rank{r}.json``
+per rank and, written last by rank 0 after every rank has finished, ``COMPLETE``. Only
+directories with ``COMPLETE`` are ever resumed from, so a checkpoint half-written when a run
+died is never taken as the latest. ``checkpoints/latest`` names the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COMPLETE = "COMPLETE"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def rng_state() -> dict:
+    """This process's RNG states, as JSON-serialisable data."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [np_list(x) for x in random.getstate()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def np_list(x):
+    return list(np_list(v) for v in x) if isinstance(x, tuple) else x
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
+    """Write a checkpoint collectively; mark it complete and prune old ones (rank 0)."""
+    ckpt_dir = run_dir / "checkpoints"
+    tag = tag_for(step)
+    path = ckpt_dir / tag
+    if engine.rank == 0 and path.exists():  # a leftover, incomplete attempt at the same step
+        shutil.rmtree(path)
+    engine.barrier()
+    engine.save(ckpt_dir, tag, client_state)
+    (path / f"rng_rank{engine.rank}.json").write_text(json.dumps(rng_state()))
+    engine.barrier()
+    if engine.rank == 0:
+        (path / COMPLETE).write_text(json.dumps({"step": step}))
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
+        for old in complete_tags(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    engine.barrier()
+    return path
+
+
+def load(engine, run_dir: Path) -> dict | None:
+    """Load the newest complete checkpoint into the engine; returns its client state (None if none)."""
+    ckpt_dir = run_dir / "checkpoints"
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    client_state = engine.load(ckpt_dir, tag)
+    rng_file = ckpt_dir / tag / f"rng_rank{engine.rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    client_state["tag"] = tag
+    return client_state

@@ -1,0 +1,182 @@
+"""The only module that touches DeepSpeed and torch.distributed.
+
+Owns: process-group setup (NCCL on GPU, gloo on CPU; a single process needs no launcher),
+the DeepSpeed JSON generated from the typed config, AdamW + warmup/decay schedule,
+backward/step, collective reductions, and DeepSpeed checkpoint save/load.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lvlm.config.schema import Config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Start (or join) the process group; returns (rank, world_size, local_rank)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m lvlm ...` / `lvlm train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON, derived from the typed config only (no "auto" values)."""
+    t = cfg.train
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage == 3:
+        ds["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=True)
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def lr_lambda(cfg: Config):
+    """Multiplier on optim.lr at scheduler step s: linear warmup, then cosine/linear/constant decay."""
+    total, o = cfg.train.max_steps, cfg.optim
+    warmup = int(round(o.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters; no weight decay on biases and norms (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Engine:
+    """DeepSpeed engine plus the few collectives the loop needs."""
+
+    def __init__(self, cfg: Config, model: nn.Module, run_dir: Path, rank: int, world_size: int) -> None:
+        import deepspeed
+
+        self.rank, self.world_size = rank, world_size
+        self.ds_config = deepspeed_config(cfg, world_size)
+        if rank == 0:
+            (run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                      eps=o.eps, fused=torch.cuda.is_available() or None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.device = device()
+
+    def forward(self, **batch):
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)
+
+    def step(self) -> None:
+        """Call after every micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        self.module.step()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def grad_norm(self) -> float | None:
+        norm = self.module.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def full_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        """A trainable parameter's full gradient (gathered across ZeRO partitions), before step()."""
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few numbers over ranks."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, concatenated when they are lists."""
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return list(obj) if isinstance(obj, list) else [obj]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        if all(isinstance(g, list) for g in gathered):
+            return [x for g in gathered for x in g]
+        return gathered
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        self.module.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict:
+        path, client_state = self.module.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        return client_state or {}
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,174 @@
+"""The training loop: reads top to bottom, one log line per phase.
+
+Loss is token-weighted: each micro-batch contributes (sum of its token losses) / (supervised
+tokens in the whole optimizer step, over every accumulation step and rank), so the gradient
+is that of the mean over all supervised tokens of the step, not a mean of per-batch means.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lvlm.config.schema import Config
+from lvlm.data.build import build_train_loader
+from lvlm.data.skips import merge_skip_counts
+from lvlm.models.build import build_lvlm
+from lvlm.models.lvlm import IGNORE_INDEX
+from lvlm.track import MetricsWriter
+from lvlm.train import checkpoint, engine as eng, stages
+from lvlm.train.rundir import write_run_record
+
+log = logging.getLogger("lvlm.train")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    steps: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: str | None = None
+    skipped: dict = field(default_factory=dict)
+
+    def head_tail(self, k: int = 5) -> tuple[float, float] | None:
+        """Mean loss of the first and of the last k steps (single steps are noisy)."""
+        if not self.losses:
+            return None
+        k = max(1, min(k, len(self.losses) // 2 or 1))
+        return float(np.mean(self.losses[:k])), float(np.mean(self.losses[-k:]))
+
+    @property
+    def loss_drop(self) -> float | None:
+        ends = self.head_tail()
+        if ends is None or ends[0] == 0:
+            return None
+        return 1.0 - ends[1] / ends[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: batch[k].to(device) for k in MODEL_KEYS if batch.get(k) is not None}
+
+
+def train(cfg: Config) -> Summary:
+    rank, world, _ = eng.init_distributed()
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    seed_everything(cfg.seed)
+
+    log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
+             type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
+    model, image_transform, tokenizer = build_lvlm(cfg.model)
+    plan = stages.apply_stage(model, cfg.stage)
+    log.info("stage '%s': trainable parameters\n%s", cfg.stage.name, stages.parameter_table(model))
+    if cfg.train.activation_checkpointing:
+        model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    engine = eng.Engine(cfg, model, run_dir, rank, world)
+    stages.set_train_modes(engine.module.module, plan)
+
+    start_step, resumed_from = 0, None
+    if cfg.resume:
+        state = checkpoint.load(engine, run_dir)
+        if state is not None:
+            start_step, resumed_from = int(state["step"]), state["tag"]
+            log.info("resumed from %s at step %d", resumed_from, start_step)
+        else:
+            log.info("resume requested but no complete checkpoint in %s: starting fresh", run_dir / "checkpoints")
+    if rank == 0:
+        write_run_record(run_dir, cfg, world, resumed_from)
+
+    accum = cfg.train.grad_accum
+    loader = build_train_loader(
+        cfg.data, tokenizer=tokenizer, image_transform=image_transform, image_size=model.vision.image_size,
+        image_token_id=model.image_token_id, tokens_per_image=model.tokens_per_image,
+        bos_token_id=model.llm.bos_token_id, eos_token_id=model.llm.eos_token_id,
+        pad_token_id=model.llm.pad_token_id, micro_batch_size=cfg.train.micro_batch_size,
+        rank=rank, world_size=world, seed=cfg.seed, start_batch=start_step * accum)
+    batches = iter(loader)
+    log.info("data: %s, %d image tokens per image, %d rank(s) x %d x %d samples per step",
+             type(cfg.data.source).__name__, model.tokens_per_image, world, accum, cfg.train.micro_batch_size)
+
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank == 0)
+    summary = Summary(run_dir=str(run_dir), steps=cfg.train.max_steps, resumed_from=resumed_from)
+    bar = _progress(cfg, start_step) if rank == 0 else None
+    t_start = time.perf_counter()
+    per_worker: dict[int, dict] = {}  # cumulative skip counts of each of this rank's data workers
+    workers = max(1, cfg.data.num_workers)
+    for step in range(start_step, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        (global_tokens,) = engine.all_reduce_sum([local_tokens])
+        scale = world * accum / max(global_tokens, 1.0)
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            out = engine.forward(**_to_device(batch, engine.device))
+            engine.backward(out.loss_sum * scale)
+            if step == start_step and i == accum - 1:
+                stages.check_gradients(engine.module.module, plan, engine.full_grad)
+            engine.step()
+            loss_sum += float(out.loss_sum.detach())
+            per_worker[batch["batch_index"] % workers] = batch["skipped"]
+        (loss_total,) = engine.all_reduce_sum([loss_sum])
+        loss = loss_total / max(global_tokens, 1.0)
+        dt = time.perf_counter() - t0
+        summary.tokens += int(global_tokens)
+        summary.losses.append(loss)
+        if summary.first_loss is None:
+            summary.first_loss = loss
+        summary.last_loss = loss
+        skipped = merge_skip_counts(list(per_worker.values()))
+        record = {"step": step + 1, "loss": loss, "lr": engine.lr, "grad_norm": engine.grad_norm(),
+                  "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt,
+                  "skipped": skipped}
+        metrics.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / dt:,.0f}", refresh=False)
+            bar.update(1)
+        if (step + 1) % cfg.train.log_every == 0 and rank == 0 and bar is None:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.train.max_steps, loss, engine.lr,
+                     global_tokens / dt)
+        done = step + 1 == cfg.train.max_steps
+        if done or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
+            path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last)
+            log.info("checkpoint %s", path)
+    if bar is not None:
+        bar.close()
+    summary.seconds = time.perf_counter() - t_start
+    skipped = merge_skip_counts(engine.all_gather_object(list(per_worker.values())))
+    summary.skipped = skipped
+    if rank == 0 and skipped:
+        log.info("skipped samples (all ranks): %s", ", ".join(f"{k}={v}" for k, v in skipped.items()))
+    metrics.write({"kind": "summary", "first_loss": summary.first_loss, "last_loss": summary.last_loss,
+                   "loss_drop": summary.loss_drop, "tokens": summary.tokens, "seconds": summary.seconds,
+                   "skipped": skipped, "resumed_from": resumed_from})
+    metrics.close()
+    return summary
+
+
+def _progress(cfg: Config, start_step: int):
+    if not cfg.train.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.max_steps, initial=start_step, desc=f"stage {cfg.stage.name}", unit="step",
+                dynamic_ncols=True)

@@ -1,0 +1,102 @@
+"""Config loading: every shipped YAML parses, overrides apply, bad configs are refused with a clear message."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lvlm.config import Config, ConfigError, dump_config, load_config
+from lvlm.config.schema import HFVisionConfig, LinearConnectorConfig, OpenCLIPVisionConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED) >= 4
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_parses_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+def test_toy_yaml_equals_embedded_default():
+    assert load_config(ROOT / "configs/toy/stage1.yaml") == load_config(None)
+    assert load_config(None) == Config()
+
+
+def test_dotted_overrides_swap_backbones():
+    cfg = load_config(None, ["--model.vision.type", "hf", "--model.vision.name_or_path", "/x",
+                             "--optim.lr", "2e-5", "--model.connector.type", "linear"])
+    assert isinstance(cfg.model.vision, HFVisionConfig) and cfg.model.vision.name_or_path == "/x"
+    assert isinstance(cfg.model.connector, LinearConnectorConfig)
+    assert cfg.optim.lr == 2e-5
+
+
+def test_override_of_choice_field_keeps_current_type():
+    cfg = load_config(ROOT / "configs/llava15/stage1_pretrain.yaml", ["--model.vision.feature_layer", "-1"])
+    assert isinstance(cfg.model.vision, HFVisionConfig) and cfg.model.vision.feature_layer == -1
+    cfg = load_config(None, ["--model.connector.depth", "3"])
+    assert cfg.model.connector.depth == 3
+    assert isinstance(load_config(None).model.vision, OpenCLIPVisionConfig)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--model.vision.type", "timm"], "valid choices: hf, open_clip"),
+    (["--model.connector.type", "qformer"], "valid choices: linear, mlp"),
+    (["--data.source.type", "csv"], "valid choices: llava_json, webdataset"),
+    (["--train.zero_stage", "4"], "train.zero_stage; valid choices: 0, 1, 2, 3"),
+    (["--train.precision", "fp16"], "valid choices: fp32, bf16"),
+    (["--optim.schedule", "step"], "valid choices: cosine, linear, constant"),
+    (["--model.llm.dtype", "float64"], "valid choices: float32, bfloat16, float16"),
+    (["--model.connector.activation", "swish"], "valid choices: gelu, relu, silu, tanh"),
+    (["--optim.lr", "fast"], "optim.lr"),
+    (["--train.micro_batch_size", "0"], "train.micro_batch_size must be > 0"),
+    (["--stage.train_connector", "false"], "stage trains nothing"),
+    (["--optim.warmup_ratio", "1.5"], "optim.warmup_ratio"),
+])
+def test_bad_overrides_are_refused(overrides, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_unknown_yaml_key_names_key_and_valid_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 1e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "learning_rate" in str(e.value) and "lr" in str(e.value) and "warmup_ratio" in str(e.value)
+
+
+def test_unknown_key_inside_choice_lists_that_choice_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  vision:\n    type: hf\n    name: foo\n")
+    with pytest.raises(ConfigError, match="name_or_path"):
+        load_config(bad)
+
+
+def test_invalid_choice_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  vision:\n    type: clip\n")
+    with pytest.raises(ConfigError, match="hf, open_clip"):
+        load_config(bad)
+
+
+def test_missing_file_and_unknown_flag():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent.yaml")
+    with pytest.raises(ConfigError, match="--optim.learning_rate"):
+        load_config(None, ["--optim.learning_rate", "1"])
+
+
+def test_cli_refuses_bad_config_before_any_work(capsys, tmp_path):
+    from lvlm.cli.main import main
+
+    rc = main(["train", "--train.zero_stage", "7", "--run_dir", str(tmp_path / "r")])
+    assert rc == 2
+    assert "valid choices: 0, 1, 2, 3" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
