@@ -5,6 +5,7 @@ With no config file the embedded default runs: the synthetic world and toy backb
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -31,6 +32,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"lvlm train: config error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from lvlm import toy
     from lvlm.train.engine import shutdown
     from lvlm.train.loop import train
