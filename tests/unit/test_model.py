@@ -126,3 +126,31 @@ def test_text_only_batch_still_runs_vision_path_with_zero_weight(lvlm):
         plain = lvlm.llm(lvlm.llm.embed(ids), attention_mask=attn).logits
         spliced = lvlm(ids, attn, labels, None, return_logits=True).logits
     torch.testing.assert_close(plain, spliced)
+
+
+def test_stage_freezes_parts_and_gradient_check_catches_violations(lvlm):
+    from lvlm.config.schema import StageConfig
+    from lvlm.train import stages
+
+    plan = stages.apply_stage(lvlm, StageConfig())
+    assert plan == {"vision": False, "connector": True, "llm": False}
+    assert not any(p.requires_grad for p in lvlm.vision.parameters())
+    assert not any(p.requires_grad for p in lvlm.llm.parameters())
+    assert all(p.requires_grad for p in lvlm.connector.parameters())
+    table = stages.parameter_table(lvlm)
+    n_conn = sum(p.numel() for p in lvlm.connector.parameters())
+    assert f"{n_conn:,}" in table.splitlines()[2] and table.splitlines()[1].split()[2] == "0"
+
+    ids, attn, labels, pixels = _batch(lvlm)
+    lvlm.zero_grad(set_to_none=True)
+    lvlm(ids, attn, labels, pixels).loss_sum.backward()
+    grad = lambda p: p.grad  # noqa: E731  (the single-process stand-in for DeepSpeed's full-grad getter)
+    stages.check_gradients(lvlm, plan, grad)  # a correct stage passes
+    with pytest.raises(RuntimeError, match="trains 'vision' but it received no gradient"):
+        stages.check_gradients(lvlm, {**plan, "vision": True}, lambda p: None)
+    lvlm.llm.model.lm_head.weight.grad = torch.ones_like(lvlm.llm.model.lm_head.weight)
+    with pytest.raises(RuntimeError, match="freezes 'llm'"):
+        stages.check_gradients(lvlm, plan, grad)
+    lvlm.zero_grad(set_to_none=True)
+    for p in lvlm.parameters():
+        p.requires_grad_(True)
