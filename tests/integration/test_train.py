@@ -137,3 +137,10 @@ def test_kill_and_resume_reproduces_losses_exactly(tiny, tmp_path):
     assert sorted(got) == list(range(1, 15))
     for step in range(1, 15):
         assert got[step] == want[step], f"step {step}: resumed {got[step]!r} != uninterrupted {want[step]!r}"
+
+
+def test_bf16_precision(tiny, tmp_path):
+    run = tmp_path / "bf16"
+    run_train(tiny, run, [*LEARN, "--train.max_steps", "10", "--train.precision", "bf16"])
+    assert json.loads((run / "ds_config.json").read_text())["bf16"] == {"enabled": True}
+    assert_falls(losses(run), 0.05)
