@@ -23,7 +23,8 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """All records of a metrics file; for a resumed run the last record per step wins."""
+    """All records of a metrics file, by step (MIR before the train record of the same step); for a
+    resumed run the last record per (kind, step) wins; other records (summaries) at the end."""
     by_step: dict = {}
     extra = []
     for line in Path(path).read_text().splitlines():
@@ -33,8 +34,9 @@ def read_metrics(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:  # the last line of a killed run may be cut short
             continue
-        if "step" in rec and rec.get("kind", "train") == "train":
-            by_step[rec["step"]] = rec
+        if "step" in rec and rec.get("kind", "train") in ("train", "mir"):
+            by_step[(rec.get("kind", "train"), rec["step"])] = rec
         else:
             extra.append(rec)
-    return [by_step[k] for k in sorted(by_step)] + extra
+    ordered = sorted(by_step, key=lambda k: (k[1], k[0] != "mir"))
+    return [by_step[k] for k in ordered] + extra

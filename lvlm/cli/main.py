@@ -7,6 +7,7 @@ USAGE = """usage: lvlm <command> [args]
 
 commands:
   train [CONFIG.yaml] [--dotted.key value ...]   pre-train an LVLM (no arguments: the embedded toy default)
+  mir --checkpoint RUN_DIR_OR_CHECKPOINT [--mir.key value ...]   MIR of a trained checkpoint
 
 `lvlm <command> --help` shows a command's options."""
 
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         from lvlm.cli.train import main as train_main
 
         return train_main(rest)
-    print(f"lvlm: unknown command {command!r}; valid commands: train\n\n{USAGE}", file=sys.stderr)
+    if command == "mir":
+        from lvlm.cli.mir import main as mir_main
+
+        return mir_main(rest)
+    print(f"lvlm: unknown command {command!r}; valid commands: train, mir\n\n{USAGE}", file=sys.stderr)
     return 2
 
 

@@ -157,6 +157,11 @@ def validate(cfg: Config) -> Config:
     _positive("train.log_every", t.log_every)
     _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _one_of("mir.cross", cfg.mir.cross, ("exact", "paper-fast"))
+    _positive("mir.every", cfg.mir.every, allow_zero=True)
+    _positive("mir.batch_size", cfg.mir.batch_size)
+    if cfg.mir.num_samples < 2:
+        raise ConfigError(f"mir.num_samples must be >= 2 (covariances need two rows), got {cfg.mir.num_samples}")
     s = cfg.stage
     if not (s.train_vision or s.train_connector or s.train_llm):
         raise ConfigError("stage trains nothing: set at least one of stage.train_vision/train_connector/train_llm")

@@ -204,6 +204,33 @@ class TrainConfig:
     """Show a progress bar on rank 0."""
 
 
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the human's questions.")
+
+
+@dataclass
+class MIRConfig:
+    """MIR (Modality Integration Rate) on a fixed probe set of images paired with unrelated texts."""
+
+    every: int = 100
+    """Compute MIR before training, every N steps and at the end (0 = never during training)."""
+    num_samples: int = 100
+    """Probe size N (the paper's default; stable from N >= 20)."""
+    images: str = "toy://world/captions/val-000000.tar"
+    """Webdataset shards holding the probe images (any image member; captions are ignored)."""
+    texts: str = "toy://world/text/train.jsonl"
+    """jsonl file whose ``text`` fields are the unrelated probe texts (the paper: CNN/DailyMail articles)."""
+    seed: int = 0
+    """Seeds which images and texts are drawn and how they are paired."""
+    batch_size: int = 8
+    max_length: int = 2048
+    """Probe sequence length; texts are cut to fit, the image never is."""
+    cross: str = "exact"
+    """Cross term: exact (true Tr((Sv St)^1/2)) or paper-fast (Tr(Sv St), what the reference code computes)."""
+    system_prompt: str = LLAVA_SYSTEM
+    """System text before ``USER:`` when the tokenizer has no chat template (LLaVA v1 format)."""
+
+
 @dataclass
 class Config:
     """One training run."""
@@ -218,3 +245,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    mir: MIRConfig = field(default_factory=MIRConfig)

@@ -100,3 +100,31 @@ def load(engine, run_dir: Path) -> dict | None:
         set_rng_state(json.loads(rng_file.read_text()))
     client_state["tag"] = tag
     return client_state
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run_dir, checkpoint_dir) for a run directory (its newest complete checkpoint) or a checkpoint dir."""
+    path = Path(path)
+    if (path / COMPLETE).is_file():
+        return path.parent.parent, path
+    tag = latest_tag(path / "checkpoints")
+    if tag is None:
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no {COMPLETE} marker) nor a run "
+                                "directory with one under checkpoints/")
+    return path, path / "checkpoints" / tag
+
+
+def load_trained_weights(model, ckpt_dir: Path) -> list[str]:
+    """Load ``trainable.safetensors`` into a freshly built model; returns the names loaded."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(ckpt_dir) / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint {ckpt_dir} has weights the model lacks: {unknown[:5]} ...; was it trained "
+                         "with another model config?")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return sorted(weights)

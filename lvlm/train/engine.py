@@ -165,7 +165,14 @@ class Engine:
             dist.barrier()
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        """DeepSpeed's full training state, plus ``trainable.safetensors`` (the trained weights alone,
+        gathered, fp32), which is what evaluation, MIR and export load without DeepSpeed."""
+        from safetensors.torch import save_file
+
         self.module.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        weights = trainable_state_dict(self.module.module, self.ds_config["zero_optimization"]["stage"])
+        if self.rank == 0:
+            save_file(weights, str(ckpt_dir / tag / "trainable.safetensors"))
 
     def load(self, ckpt_dir: Path, tag: str) -> dict:
         path, client_state = self.module.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
@@ -173,6 +180,17 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         return client_state or {}
+
+
+def trainable_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full values of every trainable parameter (gathered from ZeRO-3 partitions), on CPU, every rank."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().float().cpu().clone() for n, p in named}
+    return {n: p.detach().float().cpu().clone() for n, p in named}
 
 
 def shutdown() -> None:

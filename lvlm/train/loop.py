@@ -39,6 +39,7 @@ class Summary:
     seconds: float = 0.0
     resumed_from: str | None = None
     skipped: dict = field(default_factory=dict)
+    mir: list[tuple[int, float]] = field(default_factory=list)
 
     def head_tail(self, k: int = 5) -> tuple[float, float] | None:
         """Mean loss of the first and of the last k steps (single steps are noisy)."""
@@ -108,6 +109,29 @@ def train(cfg: Config) -> Summary:
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank == 0)
     summary = Summary(run_dir=str(run_dir), steps=cfg.train.max_steps, resumed_from=resumed_from)
+    probe = None
+    if cfg.mir.every:
+        from lvlm.mir.api import probe_for
+
+        probe = probe_for(cfg, model, image_transform)
+        log.info("MIR probe: %d samples (hash %s), every %d steps", probe.num_samples, probe.digest[:12],
+                 cfg.mir.every)
+
+    def measure_mir(at_step: int) -> None:
+        from lvlm.mir.collect import probe_mir
+
+        engine.module.eval()
+        result = probe_mir(engine.forward, probe, model.llm.num_layers, engine.device, cross=cfg.mir.cross,
+                           compute=rank == 0)
+        stages.set_train_modes(engine.module.module, plan)
+        if result is not None:
+            metrics.write({"kind": "mir", "step": at_step, "mir": result.mir, "per_layer": result.per_layer,
+                           "cross": result.cross, "probe_hash": probe.digest})
+            log.info("step %d MIR %.4f", at_step, result.mir)
+            summary.mir.append((at_step, result.mir))
+
+    if probe is not None and start_step == 0:
+        measure_mir(0)
     bar = _progress(cfg, start_step) if rank == 0 else None
     t_start = time.perf_counter()
     per_worker: dict[int, dict] = {}  # cumulative skip counts of each of this rank's data workers
@@ -147,6 +171,8 @@ def train(cfg: Config) -> Summary:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.train.max_steps, loss, engine.lr,
                      global_tokens / dt)
         done = step + 1 == cfg.train.max_steps
+        if probe is not None and (done or (step + 1) % cfg.mir.every == 0):
+            measure_mir(step + 1)
         if done or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
             path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last)
@@ -162,6 +188,11 @@ def train(cfg: Config) -> Summary:
                    "loss_drop": summary.loss_drop, "tokens": summary.tokens, "seconds": summary.seconds,
                    "skipped": skipped, "resumed_from": resumed_from})
     metrics.close()
+    if rank == 0 and probe is not None:
+        from lvlm.mir.report import plot_run
+        from lvlm.track import read_metrics
+
+        plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_mir.png")
     return summary
 
 

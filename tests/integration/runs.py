@@ -51,5 +51,9 @@ def run_train(tiny: dict, run_dir: Path, extra: list[str], launcher: str = "pyth
     return proc
 
 
+def mirs(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["mir"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "mir"}
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "step" in r}

@@ -25,9 +25,13 @@ def test_embedded_default_runs_and_learns(tmp_path):
     assert report["vision"]["val_top1"] > 10 * report["vision"]["val_chance"]  # the toy encoder sees the world
     assert report["llm"]["final_loss"] < 0.5 * report["llm"]["first_loss"]  # the toy LLM knows its language
     records = read_metrics(tmp_path / "runs" / "toy-stage1" / "metrics.jsonl")
-    losses = [r["loss"] for r in records if "step" in r]
+    losses = [r["loss"] for r in records if "loss" in r and "step" in r]
     summary = [r for r in records if r.get("kind") == "summary"][-1]
     assert len(losses) == 300
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     assert summary["loss_drop"] > 0.2
     assert (tmp_path / "runs" / "toy-stage1" / "checkpoints" / "latest").read_text() == "step_00000300"
+    mir = {r["step"]: r["mir"] for r in records if r.get("kind") == "mir"}
+    assert sorted(mir) == [0, 100, 200, 300]
+    assert mir[300] < mir[0], f"MIR did not fall during stage 1: {mir}"
+    assert (tmp_path / "runs" / "toy-stage1" / "loss_mir.png").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -144,3 +145,23 @@ def test_bf16_precision(tiny, tmp_path):
     run_train(tiny, run, [*LEARN, "--train.max_steps", "10", "--train.precision", "bf16"])
     assert json.loads((run / "ds_config.json").read_text())["bf16"] == {"enabled": True}
     assert_falls(losses(run), 0.05)
+
+
+def test_mir_during_training_and_mir_command(tiny, tmp_path):
+    from runs import mirs
+
+    run = tmp_path / "mir"
+    run_train(tiny, run, [*LEARN, "--train.max_steps", "8", "--mir.every", "4"])
+    m = mirs(run)
+    assert sorted(m) == [0, 4, 8] and all(v == v for v in m.values())  # before, every 4 steps, at the end
+    assert len(set(m.values())) == 3  # training moves the hidden states
+    assert (run / "loss_mir.png").is_file()
+    # `lvlm mir` on the final checkpoint reproduces the in-training number for the same probe
+    proc = subprocess.run([sys.executable, "-m", "lvlm", "mir", "--checkpoint", str(run)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "checkpoints" / "step_00000008" / "mir.json").read_text())
+    assert report["mir"] == pytest.approx(m[8], rel=1e-6)
+    assert len(report["per_layer"]) == 2 and len(report["probe_hash"]) == 64
+    assert (run / "checkpoints" / "step_00000008" / "mir_layers.png").is_file()
+    assert f"MIR = {report['mir']:.4f}" in proc.stdout

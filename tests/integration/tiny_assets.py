@@ -46,6 +46,11 @@ def make_tiny_assets(root: Path) -> dict[str, str]:
         "model.llm.name_or_path": str(root / "llm"),
         "data.source.shards": str(world / "captions" / f"train-{{000000..{last:06d}}}.tar"),
         "data.max_length": "48",
+        "mir.images": str(world / "captions" / "val-000000.tar"),
+        "mir.texts": str(world / "text" / "train.jsonl"),
+        "mir.num_samples": "8",
+        "mir.every": "6",
+        "mir.max_length": "96",
     }
 
 
