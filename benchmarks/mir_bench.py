@@ -5,6 +5,8 @@ states and prints one table row per case. Assumes numpy, scipy and torch (CPU is
 
     .venv/bin/python benchmarks/mir_bench.py            # d = 1024 and 2048
     .venv/bin/python benchmarks/mir_bench.py --quick    # d = 1024 only
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/mir_bench.py
+        # one thread each: honest numbers on a shared / oversubscribed host
 
 Targets (issue): >= 50x faster when rows < d, >= 5x when rows > d, at equal accuracy.
 """

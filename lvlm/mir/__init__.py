@@ -57,10 +57,12 @@ class LayerwiseMIR:
         if len(shape_v) == 2 and len(shape_t) == 2:
             rows = (shape_v[0], shape_t[0])
             if self._rows is not None and rows != self._rows:
-                raise ValueError(f"layer {k}: {rows[0]} vision / {rows[1]} text rows, but earlier layers had "
-                                 f"{self._rows[0]} / {self._rows[1]}; every layer must pool the same tokens")
+                raise ValueError(f"layer {k}: {rows[0]} vision / {rows[1]} text rows, but earlier "
+                                 f"layers had {self._rows[0]} / {self._rows[1]}; every layer must pool "
+                                 "the same tokens")
             if self._dim is not None and shape_v[1] != self._dim:
-                raise ValueError(f"layer {k}: hidden dim {shape_v[1]} differs from earlier layers' {self._dim}")
+                raise ValueError(f"layer {k}: hidden dim {shape_v[1]} differs from earlier layers' "
+                                 f"{self._dim}")
         try:
             fd = layer_distance(vision_rows, text_rows, self.cross)
         except ValueError as e:

@@ -40,7 +40,8 @@ def as_float64(x: ArrayLike, name: str, device: torch.device | None = None) -> t
     elif isinstance(x, torch.Tensor):
         t = x.detach()
     else:
-        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray [rows, dim], got {type(x).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray [rows, dim], "
+                         f"got {type(x).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:

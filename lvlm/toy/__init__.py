@@ -40,7 +40,11 @@ class ToySpec:
     vision: VisionSpec = field(default_factory=VisionSpec)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Changes with the spec and with the generator's version, so stale caches are rebuilt."""
+        from lvlm.toy.world import WORLD_VERSION
+
+        blob = json.dumps({"spec": asdict(self), "world": WORLD_VERSION, "assets": VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def cache_root() -> Path:
