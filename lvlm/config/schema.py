@@ -104,6 +104,8 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=OpenCLIPVisionConfig)
     connector: ConnectorConfig = field(default_factory=MLPConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    moca: bool = False
+    """MoCa: learnable per-decoder-layer scale/shift on image tokens, trained with the connector."""
 
 
 # ------------------------------------------------------------------------------------ data

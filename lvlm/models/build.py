@@ -10,6 +10,7 @@ from lvlm.config.schema import ModelConfig
 from lvlm.models.connectors import build_connector
 from lvlm.models.llm import build_llm
 from lvlm.models.lvlm import LVLM
+from lvlm.models.moca import MoCa
 from lvlm.models.vision import build_vision
 
 
@@ -19,5 +20,6 @@ def build_lvlm(cfg: ModelConfig) -> tuple[LVLM, Callable, object]:
     llm = build_llm(cfg.llm)
     connector = build_connector(cfg.connector, in_dim=vision.embed_dim, out_dim=llm.hidden_size)
     connector.to(next(llm.parameters()).dtype)
-    model = LVLM(vision, connector, llm)
+    moca = MoCa(llm.num_layers, llm.hidden_size) if cfg.moca else None
+    model = LVLM(vision, connector, llm, moca)
     return model, vision.image_transform(), llm.tokenizer

@@ -8,6 +8,7 @@ loop can weight by tokens across gradient accumulation and ranks.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from lvlm.models.connectors import Connector
 from lvlm.models.llm import LanguageModel
+from lvlm.models.moca import MoCa
 from lvlm.models.vision.base import VisionEncoder
 
 IGNORE_INDEX = -100
@@ -44,11 +46,15 @@ class LVLMOutput(ModelOutput):
 
 
 class LVLM(nn.Module):
-    def __init__(self, vision: VisionEncoder, connector: Connector, llm: LanguageModel) -> None:
+    def __init__(self, vision: VisionEncoder, connector: Connector, llm: LanguageModel,
+                 moca: MoCa | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.llm = llm
+        self.moca = moca
+        if moca is not None:
+            moca.attach(llm.decoder_layers())
 
     @property
     def tokens_per_image(self) -> int:
@@ -95,8 +101,10 @@ class LVLM(nn.Module):
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
                 return_logits: bool = False) -> LVLMOutput:
         embeds = self.embed(input_ids, pixel_values)  # [B, L, D]
-        out = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       output_hidden_states=output_hidden_states)
+        calibrate = self.moca.image_positions(input_ids == self.image_token_id) if self.moca else nullcontext()
+        with calibrate:
+            out = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           output_hidden_states=output_hidden_states)
         logits = out.logits  # [B, L, V]
         if labels is None:
             loss_sum = logits.new_zeros((), dtype=torch.float32)

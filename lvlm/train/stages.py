@@ -13,12 +13,17 @@ from lvlm.config.schema import StageConfig
 
 
 def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {"vision": model.vision, "connector": model.connector, "llm": model.llm}
+    parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
+    if getattr(model, "moca", None) is not None:
+        parts["moca"] = model.moca
+    return parts
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> dict[str, bool]:
-    """Freeze/unfreeze the three parts; returns {part: trains}."""
+    """Freeze/unfreeze the parts (MoCa trains with the connector); returns {part: trains}."""
     plan = {"vision": stage.train_vision, "connector": stage.train_connector, "llm": stage.train_llm}
+    if "moca" in stage_modules(model):
+        plan["moca"] = stage.train_connector
     for name, module in stage_modules(model).items():
         module.requires_grad_(plan[name])
     return plan

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from runs import REPO, env, losses, run_train, train_cmd
@@ -165,3 +166,22 @@ def test_mir_during_training_and_mir_command(tiny, tmp_path):
     assert len(report["per_layer"]) == 2 and len(report["probe_hash"]) == 64
     assert (run / "checkpoints" / "step_00000008" / "mir_layers.png").is_file()
     assert f"MIR = {report['mir']:.4f}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_moca_under_zero3_trains_and_is_saved(tiny, tmp_path):
+    """MoCa's per-layer calibrations are submodules the hooks call, so ZeRO-3 gathers them; they get
+    gradients (the first-step check would stop the run otherwise), move, and land in the checkpoint."""
+    from safetensors.torch import load_file
+
+    from runs import mirs
+
+    run = tmp_path / "moca"
+    run_train(tiny, run, ["--model.moca", "true", "--train.zero_stage", "3", "--train.max_steps", "4",
+                          "--train.micro_batch_size", "4", "--mir.every", "2", "--optim.lr", "1e-2"],
+              launcher="torchrun", nproc=2)
+    weights = load_file(run / "checkpoints" / "step_00000004" / "trainable.safetensors")
+    scales = [v for k, v in weights.items() if k.startswith("moca.layers.") and k.endswith(".scale")]
+    assert len(scales) == 2 and any(not torch.allclose(s, torch.ones_like(s)) for s in scales)
+    assert any(k.startswith("connector.") for k in weights) and not any(k.startswith("llm.") for k in weights)
+    assert sorted(mirs(run)) == [0, 2, 4]

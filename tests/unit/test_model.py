@@ -154,3 +154,34 @@ def test_stage_freezes_parts_and_gradient_check_catches_violations(lvlm):
     lvlm.zero_grad(set_to_none=True)
     for p in lvlm.parameters():
         p.requires_grad_(True)
+
+
+def test_moca_trains_and_changes_only_image_positions(tmp_path_factory, llama_dir):
+    vdir = tmp_path_factory.mktemp("clip_moca")
+    save_hf("clip_vision", vdir)
+    cfg = ModelConfig(vision=HFVisionConfig(name_or_path=str(vdir)), llm=LLMConfig(name_or_path=str(llama_dir)),
+                      moca=True)
+    torch.manual_seed(0)
+    model, _, _ = build_lvlm(cfg)
+    model.eval()
+    assert len(model.moca.layers) == model.llm.num_layers
+    ids, attn, labels, pixels = _batch(model)
+    is_image = ids == model.image_token_id
+    with torch.no_grad():
+        base = model(ids, attn, labels, pixels, output_hidden_states=True)
+    out = model(ids, attn, labels, pixels, output_hidden_states=True)  # identity at init: same output
+    torch.testing.assert_close(out.hidden_states[1], base.hidden_states[1])
+    out.loss_sum.backward()  # MoCa parameters receive gradients
+    for cal in model.moca.layers:
+        assert cal.scale.grad is not None and torch.count_nonzero(cal.shift.grad) > 0
+    with torch.no_grad():
+        model.moca.layers[0].shift.add_(0.5)
+        moved = model(ids, attn, labels, pixels, output_hidden_states=True)
+    h0, h1 = base.hidden_states[1], moved.hidden_states[1]  # output of decoder layer 1 (calibrated)
+    torch.testing.assert_close(h1[~is_image], h0[~is_image])  # text positions untouched at that layer
+    torch.testing.assert_close(h1[is_image], h0[is_image] + 0.5)  # image positions shifted
+    from lvlm.config.schema import StageConfig
+    from lvlm.train import stages
+
+    assert stages.apply_stage(model, StageConfig())["moca"] is True
+    assert all(p.requires_grad for p in model.moca.parameters())
