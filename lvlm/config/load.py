@@ -43,7 +43,6 @@ def _explain(err: Exception) -> str:
         valid = ", ".join(_field_names(cls)) if cls else "?"
         where = path or "<top level>"
         return f"unknown key(s) {bad} under '{where}'; valid keys: {valid}"
-    m = re.search(r"`([\w.]*)`:.*?(?:type|choice).*?`?(\w+)`? .*not", msg)
     for path, registry in _CHOICE_CLASSES.items():
         if path in msg and ("type" in msg or "choice" in msg.lower()):
             return f"{msg}; valid '{path}.type' choices: {', '.join(sorted(registry.get_known_choices()))}"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from runs import REPO, env
+from runs import env
 
 from lvlm.track import read_metrics
 

@@ -47,12 +47,11 @@ class LanguageModel(nn.Module):
 
     @property
     def layer_cls(self) -> type[nn.Module]:
-        """The decoder block class, found as the repeated module of the largest ModuleList."""
-        lists = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        blocks = max(lists, key=len)
-        return type(blocks[0])
+        """The decoder block class (activation checkpointing, ZeRO-3 leaf modules)."""
+        return type(self.decoder_layers()[0])
 
     def decoder_layers(self) -> nn.ModuleList:
+        """The decoder blocks: the longest ModuleList of the model (family-independent)."""
         lists = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
         return max(lists, key=len)
 
