@@ -8,11 +8,26 @@ matching its resolution and normalisation, so data code never hard-codes either.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torchvision import transforms as T
+
+
+@dataclass(frozen=True)
+class EncoderContract:
+    """What the rest of lvlm may rely on about a built encoder."""
+
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    num_prefix_tokens: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    layer_cls: type[nn.Module]
+    num_layers: int
 
 
 class VisionEncoder(nn.Module, ABC):
@@ -23,45 +38,49 @@ class VisionEncoder(nn.Module, ABC):
         self.feature_layer = feature_layer
         self.keep_cls = keep_cls
 
+    def set_contract(self, contract: EncoderContract) -> None:
+        """Backends call this once built: every contract property below reads from it."""
+        self.contract = contract
+
     @property
-    @abstractmethod
     def embed_dim(self) -> int:
         """Width of the features handed to the connector."""
+        return self.contract.embed_dim
 
     @property
-    @abstractmethod
     def image_size(self) -> int:
         """Square input resolution the encoder runs at."""
+        return self.contract.image_size
 
     @property
-    @abstractmethod
     def patch_size(self) -> int:
         """Side of one patch in pixels."""
+        return self.contract.patch_size
 
     @property
-    @abstractmethod
     def num_prefix_tokens(self) -> int:
         """CLS/register tokens the backbone puts before the patches (0 for SigLIP)."""
+        return self.contract.num_prefix_tokens
 
     @property
-    @abstractmethod
     def mean(self) -> tuple[float, float, float]:
         """Per-channel normalisation mean."""
+        return self.contract.mean
 
     @property
-    @abstractmethod
     def std(self) -> tuple[float, float, float]:
         """Per-channel normalisation std."""
+        return self.contract.std
 
     @property
-    @abstractmethod
     def layer_cls(self) -> type[nn.Module]:
         """Transformer block class (activation checkpointing, ZeRO-3 leaf modules)."""
+        return self.contract.layer_cls
 
     @property
-    @abstractmethod
     def num_layers(self) -> int:
-        """Number of transformer blocks."""
+        """Number of transformer blocks the features pass through."""
+        return self.contract.num_layers
 
     def num_tokens(self, image_size: int | None = None) -> int:
         """Feature tokens per image at ``image_size`` (default: the encoder's resolution)."""

@@ -27,7 +27,7 @@ from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 from lvlm.config.schema import HFVisionConfig
-from lvlm.models.vision.base import VisionEncoder
+from lvlm.models.vision.base import EncoderContract, VisionEncoder
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -146,20 +146,19 @@ class HFVisionEncoder(VisionEncoder):
                 raise ValueError(f"checkpoint {name_or_path!r} lacks vision-tower weights, e.g. "
                                  f"{missing[:5]} ({len(missing)} missing); pass random_init=True to build "
                                  "it untrained")
-        self._family = family
         self._native_size = int(vision_config.image_size)
-        self._image_size = int(image_size or self._native_size)
-        self._patch_size = int(vision_config.patch_size)
-        self._embed_dim = int(vision_config.hidden_size)
         mean_std = _read_mean_std(name_or_path)
-        self._mean, self._std = mean_std if mean_std is not None else (family.mean, family.std)
-        if len(self._mean) != 3 or len(self._std) != 3:
+        mean, std = mean_std if mean_std is not None else (family.mean, family.std)
+        if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"preprocessor_config.json of {name_or_path!r} has image_mean/image_std of "
-                             f"length {len(self._mean)}/{len(self._std)}; expected 3 channels")
+                             f"length {len(mean)}/{len(std)}; expected 3 channels")
 
         core = getattr(model, "vision_model", model)  # transformers 4.x nests the tower, 5.x does not
         layers = core.encoder.layers
-        self._layer_cls = type(layers[0])
+        self.set_contract(EncoderContract(
+            embed_dim=int(vision_config.hidden_size), image_size=int(image_size or self._native_size),
+            patch_size=int(vision_config.patch_size), num_prefix_tokens=family.num_prefix_tokens,
+            mean=tuple(mean), std=tuple(std), layer_cls=type(layers[0]), num_layers=self._hidden_index))
         # Run only the blocks the features need; the post-norm and pooling head are never used.
         core.encoder.layers = layers[: self._hidden_index]
         core.post_layernorm = nn.Identity()
@@ -171,38 +170,6 @@ class HFVisionEncoder(VisionEncoder):
     def from_config(cls, cfg: HFVisionConfig) -> HFVisionEncoder:
         return cls(cfg.name_or_path, random_init=cfg.random_init, feature_layer=cfg.feature_layer,
                    keep_cls=cfg.keep_cls, image_size=cfg.image_size)
-
-    @property
-    def embed_dim(self) -> int:
-        return self._embed_dim
-
-    @property
-    def image_size(self) -> int:
-        return self._image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self._patch_size
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self._family.num_prefix_tokens
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return tuple(self._mean)  # type: ignore[return-value]
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return tuple(self._std)  # type: ignore[return-value]
-
-    @property
-    def layer_cls(self) -> type[nn.Module]:
-        return self._layer_cls
-
-    @property
-    def num_layers(self) -> int:
-        return self._hidden_index
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, S, S]

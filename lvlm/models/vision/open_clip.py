@@ -28,7 +28,7 @@ from open_clip.transformer import VisionTransformer as OpenCLIPViT
 from torch import nn
 
 from lvlm.config.schema import OpenCLIPVisionConfig
-from lvlm.models.vision.base import VisionEncoder
+from lvlm.models.vision.base import EncoderContract, VisionEncoder
 from lvlm.models.vision.hf import reject_toy_path, resolve_hidden_index
 
 # Smallest valid text tower: ``open_clip.CLIP`` always builds one, and only ``.visual`` is kept.
@@ -224,8 +224,8 @@ class OpenCLIPVisionEncoder(VisionEncoder):
             spec.model_cfg = dict(spec.model_cfg, quick_gelu=True)
         target = image_size or _config_image_size(spec)
         visual = _build_visual(spec, image_size=target)
-        blocks, self._embed_dim, self._patch_size, self._prefix, current = _tower(visual)
-        self._image_size, self._layer_cls, self.source_num_layers = target, type(blocks[0]), len(blocks)
+        blocks, embed_dim, patch_size, prefix, current = _tower(visual)
+        layer_cls, self.source_num_layers = type(blocks[0]), len(blocks)
         self._hidden_index = resolve_hidden_index(feature_layer, self.source_num_layers)
         if weights is not None:
             _load_weights(visual, weights, arch)
@@ -241,6 +241,8 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         if self._hidden_index == 0:
             _tower(visual)[0][0] = _Embeddings()  # "block 0 output" is then its input
         mean, std = _mean_std(spec, tag_cfg)
+        self.set_contract(EncoderContract(embed_dim, target, patch_size, prefix, tuple(mean), tuple(std), layer_cls,
+                                          self._hidden_index))
         open_clip.set_model_preprocess_cfg(visual, {"size": target, "mode": "RGB", "mean": mean, "std": std,
                                                     "interpolation": "bicubic", "resize_mode": "shortest"})
         self.visual = visual
@@ -260,44 +262,12 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         return OpenCLIPArchInfo(embed_dim, _config_image_size(spec), patch_size, prefix, len(blocks),
                                 type(blocks[0]))
 
-    @property
-    def embed_dim(self) -> int:
-        return self._embed_dim
-
-    @property
-    def image_size(self) -> int:
-        return self._image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self._patch_size
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self._prefix
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return tuple(self.visual.preprocess_cfg["mean"])  # type: ignore[return-value]
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return tuple(self.visual.preprocess_cfg["std"])  # type: ignore[return-value]
-
-    @property
-    def layer_cls(self) -> type[nn.Module]:
-        return self._layer_cls
-
-    @property
-    def num_layers(self) -> int:
-        return self._hidden_index
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, S, S]
         out = self.visual.forward_intermediates(
             pixel_values, indices=[max(self._hidden_index - 1, 0)], stop_early=True, intermediates_only=True,
             output_fmt="NLC", output_extra_tokens=True)
         tokens = out["image_intermediates"][0]  # [B, N, D]
-        if self.keep_cls and self._prefix:
+        if self.keep_cls and self.num_prefix_tokens:
             tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)  # [B, P + N, D]
         return tokens
