@@ -159,6 +159,9 @@ def validate(cfg: Config) -> Config:
     _one_of("mir.cross", cfg.mir.cross, ("exact", "paper-fast"))
     _positive("mir.every", cfg.mir.every, allow_zero=True)
     _positive("mir.batch_size", cfg.mir.batch_size)
+    _positive("mir.layers_per_pass", cfg.mir.layers_per_pass, allow_zero=True)
+    if not cfg.mir.memory_gb > 0:
+        raise ConfigError(f"mir.memory_gb must be > 0 (GiB for pooled probe rows), got {cfg.mir.memory_gb}")
     if cfg.mir.num_samples < 2:
         raise ConfigError(f"mir.num_samples must be >= 2 (covariances need two rows), got {cfg.mir.num_samples}")
     s = cfg.stage

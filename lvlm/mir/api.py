@@ -27,7 +27,8 @@ def run_mir(cfg: Config, ckpt_dir: Path):
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
     probe = probe_for(cfg, model, transform)
-    result = probe_mir(model, probe, model.llm.num_layers, device, cross=cfg.mir.cross)
+    result = probe_mir(model, probe, model.llm.num_layers, device, cross=cfg.mir.cross,
+                       layers_per_pass=cfg.mir.layers_per_pass, memory_gb=cfg.mir.memory_gb)
     paths = write_report(result, ckpt_dir, {"probe_hash": probe.digest, "num_samples": probe.num_samples,
                                             "checkpoint": str(ckpt_dir)})
     return (result, *paths)

@@ -10,7 +10,11 @@ states, text [s, d] the positions after the image span, both from the same hidde
 
 Cross term Tr((Sv St)^{1/2}) with Xc = (V - mu_v)/sqrt(r-1), Yc = (T - mu_t)/sqrt(s-1):
   - min(r, s) < d: sum of singular values of Xc Yc^T  [r, s]   (nuclear norm)
-  - otherwise:     sum sqrt(max(lambda, 0)) of Sv^{1/2} St Sv^{1/2}  [d, d] (symmetric eigvalsh)
+  - otherwise:     sum sqrt(max(lambda, 0)) of L^T St L  [d, d], Sv = L L^T (Cholesky), which is
+                   similar to Sv St; when Sv is numerically singular (Cholesky fails) the factor
+                   comes from one eigendecomposition of Sv instead, its null space dropped.
+Both covariances (Gram matrices) are built block-wise over the upper triangle only (~40% fewer
+flops than a full X^T X).
 "paper-fast" reproduces the reference code's default mode, which actually uses Tr(Sv St).
 """
 from __future__ import annotations
@@ -51,7 +55,8 @@ def as_float64(x: ArrayLike, name: str, device: torch.device | None = None) -> t
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8)):
         raise ValueError(f"{name} has unsupported dtype {t.dtype}; pass real floating-point hidden states")
     t = t.to(device=device if device is not None else t.device, dtype=torch.float64)
-    if not bool(torch.isfinite(t).all()):
+    # a row norm is finite iff the row is (barring overflow past 1e154): [rows] instead of [rows, dim]
+    if not bool(torch.isfinite(torch.linalg.vector_norm(t, dim=1)).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return t
 
@@ -107,6 +112,31 @@ def _sym(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.T)
 
 
+GRAM_BLOCKS = 4
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x for x [n, d] -> [d, d], computing only the upper block triangle and mirroring it."""
+    d = x.shape[1]
+    if d < 256:
+        return x.T @ x
+    step = -(-d // GRAM_BLOCKS)
+    g = x.new_empty(d, d)
+    for i in range(0, d, step):
+        block = x[:, i:i + step].T @ x[:, i:]                           # [step, d - i]
+        g[i:i + step, i:] = block
+        g[i + step:, i:i + step] = block[:, step:].T
+    return g
+
+
+def _root_factor(s: torch.Tensor) -> torch.Tensor:
+    """F [d, k] with F F^T = S for symmetric PSD S [d, d]: Cholesky, or eigh when S is singular."""
+    low, info = torch.linalg.cholesky_ex(s)
+    if int(info) == 0 and bool(torch.diagonal(low).gt(0).all()):
+        return low
+    return _psd_root_factor(s)
+
+
 def _psd_root_factor(s: torch.Tensor) -> torch.Tensor:
     """F [d, k] with F F^T = S (S symmetric PSD [d, d]), F = U_k diag(sqrt w_k) via eigh.
 
@@ -132,13 +162,13 @@ def cross_term(xc: torch.Tensor, yc: torch.Tensor, cross: str = "exact") -> torc
         if cross == "paper-fast":
             return (m * m).sum()                                        # ||Xc Yc^T||_F^2
         return torch.linalg.svdvals(m).sum()                            # nuclear norm
-    sv = xc.T @ xc                                                      # [d, d]
-    st = yc.T @ yc                                                      # [d, d]
+    sv = gram(xc)                                                       # [d, d]
+    st = gram(yc)                                                       # [d, d]
     if cross == "paper-fast":
         return (sv * st).sum()                                          # Tr(Sv St), both symmetric
-    # Tr((Sv St)^{1/2}) = sum sqrt(eig(Sv^{1/2} St Sv^{1/2})); with Sv^{1/2} = U diag(sqrt w) U^T the
-    # outer U cancels (similarity), so eig(F^T St F) with F = U_k diag(sqrt w_k) gives the same values.
-    f = _psd_root_factor(sv)                                            # [d, k]
+    # Tr((Sv St)^{1/2}) = sum sqrt(eig(Sv St)). For any F with F F^T = Sv, F^T St F has the same
+    # nonzero eigenvalues as Sv St (eig(AB) = eig(BA) with A = F, B = F^T St), and it is symmetric.
+    f = _root_factor(sv)                                                # [d, k]
     if f.shape[1] == 0:
         return sv.new_zeros(())
     lam = torch.linalg.eigvalsh(_sym(f.T @ st @ f))                     # [k]

@@ -158,6 +158,26 @@ class Engine:
             return [x for g in gathered for x in g]
         return gathered
 
+    def gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's rows [n_r, d] (n_r may differ) on rank 0, in rank order; None on other ranks."""
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [rows]
+        count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        wire = rows.float() if rows.dtype in (torch.bfloat16, torch.float16) else rows  # gloo: lossless upcast
+        padded = wire.new_zeros((max(sizes), rows.shape[1]))
+        padded[: rows.shape[0]] = wire
+        if self.rank != 0:
+            dist.gather(padded, dst=0)
+            return None
+        buffers = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.gather(padded, buffers, dst=0)
+        return [b[:n].to(rows.dtype) for b, n in zip(buffers, sizes)]
+
     def barrier(self) -> None:
         import torch.distributed as dist
 

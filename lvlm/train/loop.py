@@ -122,7 +122,8 @@ def train(cfg: Config) -> Summary:
 
         engine.module.eval()
         result = probe_mir(engine.forward, probe, model.llm.num_layers, engine.device, cross=cfg.mir.cross,
-                           compute=rank == 0)
+                           layers_per_pass=cfg.mir.layers_per_pass, memory_gb=cfg.mir.memory_gb,
+                           rank=rank, world_size=world, gather=engine.gather_rows)
         stages.set_train_modes(engine.module.module, plan)
         if result is not None:
             metrics.write({"kind": "mir", "step": at_step, "mir": result.mir, "per_layer": result.per_layer,

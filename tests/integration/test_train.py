@@ -177,11 +177,21 @@ def test_moca_under_zero3_trains_and_is_saved(tiny, tmp_path):
     from runs import mirs
 
     run = tmp_path / "moca"
+    # 8 probe samples in batches of 3: rank 0 runs batches 0 and 2, rank 1 batch 1 (and a repeat);
+    # one layer per pass, so the rows of every layer are gathered onto rank 0 separately
     run_train(tiny, run, ["--model.moca", "true", "--train.zero_stage", "3", "--train.max_steps", "4",
-                          "--train.micro_batch_size", "4", "--mir.every", "2", "--optim.lr", "1e-2"],
+                          "--train.micro_batch_size", "4", "--mir.every", "2", "--optim.lr", "1e-2",
+                          "--mir.batch_size", "3", "--mir.layers_per_pass", "1"],
               launcher="torchrun", nproc=2)
     weights = load_file(run / "checkpoints" / "step_00000004" / "trainable.safetensors")
     scales = [v for k, v in weights.items() if k.startswith("moca.layers.") and k.endswith(".scale")]
     assert len(scales) == 2 and any(not torch.allclose(s, torch.ones_like(s)) for s in scales)
     assert any(k.startswith("connector.") for k in weights) and not any(k.startswith("llm.") for k in weights)
-    assert sorted(mirs(run)) == [0, 2, 4]
+    m = mirs(run)
+    assert sorted(m) == [0, 2, 4]
+    # the rank-split, gathered MIR equals one process running the whole probe on the saved weights
+    proc = subprocess.run([sys.executable, "-m", "lvlm", "mir", "--checkpoint", str(run)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "checkpoints" / "step_00000004" / "mir.json").read_text())
+    assert report["mir"] == pytest.approx(m[4], rel=1e-6)

@@ -240,3 +240,90 @@ def test_cuda_matches_cpu() -> None:
         assert gpu.mir == pytest.approx(_ref_mir(vs, ts), rel=1e-6)
         v, t = preprocess(torch.from_numpy(vs[0]).cuda(), torch.from_numpy(ts[0]).cuda())
         assert v.device.type == "cuda" and t.dtype == torch.float64
+
+
+def test_blockwise_gram_and_both_root_factors() -> None:
+    """The triangular block Gram equals X^T X; the Cholesky and eigh factors give the same cross term."""
+    from lvlm.mir import distance
+
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(40, 301)))   # d not divisible by the blocks
+    assert torch.allclose(distance.gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+    vs, ts = _layers(23, 1, r=120, s=90, d=40)
+    v, t = preprocess(vs[0], ts[0])
+    xc = (v - v.mean(0)) / (v.shape[0] - 1) ** 0.5
+    yc = (t - t.mean(0)) / (t.shape[0] - 1) ** 0.5
+    sv, st = xc.T @ xc, yc.T @ yc
+    chol, eig = distance._root_factor(sv), distance._psd_root_factor(sv)
+    assert chol.shape == (40, 40) and bool((torch.triu(chol, 1) == 0).all())   # the Cholesky branch ran
+    via = [torch.linalg.eigvalsh(f.T @ st @ f).clamp_min(0).sqrt().sum() for f in (chol, eig)]
+    ref = float(np.real(np.trace(scipy.linalg.sqrtm(sv.numpy() @ st.numpy()))))
+    assert float(via[0]) == pytest.approx(ref, rel=1e-9) and float(via[1]) == pytest.approx(ref, rel=1e-9)
+    singular = sv.clone()
+    singular[:, 0] = singular[0, :] = 0.0                                   # a zero-variance dimension
+    f = distance._root_factor(singular)
+    assert f.shape[1] < 40 and torch.allclose(f @ f.T, singular, atol=1e-10)  # fell back to eigh
+
+
+# ----------------------------------------------------------------------------- probe collection
+class _FakeLVLM:
+    """hidden_states[k] = table_k[input_ids] + k * pixel mean: deterministic, different per layer."""
+
+    def __init__(self, layers: int, vocab: int, dim: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.tables = [torch.randn(vocab, dim, generator=g) * (1 + k) for k in range(layers + 1)]
+        self.calls = 0
+
+    def __call__(self, input_ids, attention_mask, pixel_values, output_hidden_states):  # noqa: ANN001
+        from types import SimpleNamespace
+
+        self.calls += 1
+        return SimpleNamespace(hidden_states=tuple(t[input_ids] + k * pixel_values.mean()
+                                                   for k, t in enumerate(self.tables)))
+
+
+def _fake_probe(num_batches: int):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(num_batches):
+        ids = torch.randint(3, 50, (2, 12), generator=g)
+        ids[:, 1:5] = 2                                                  # 4 image tokens per sample
+        vision = ids == 2
+        text = torch.zeros_like(vision)
+        text[:, 5:] = True
+        batches.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), vision_mask=vision, text_mask=text,
+                            pixel_values=torch.rand(2, 3, 4, 4, generator=g)))
+    return SimpleNamespace(batches=batches)
+
+
+def test_probe_streams_layer_groups_and_splits_ranks() -> None:
+    from lvlm.mir.collect import plan_group, probe_mir
+
+    probe, layers = _fake_probe(3), 5
+    cpu = torch.device("cpu")
+    model = _FakeLVLM(layers, 50, 16)
+    whole = probe_mir(model, probe, layers, cpu)                        # auto: every layer fits in 8 GiB
+    assert model.calls == 3 and len(whole.per_layer) == layers
+    model.calls = 0
+    one = probe_mir(model, probe, layers, cpu, layers_per_pass=2)      # passes of 2, 2, 1 layers
+    assert model.calls == 3 * 3 and one.per_layer == whole.per_layer
+    model.calls = 0
+    tiny_budget = probe_mir(model, probe, layers, cpu, memory_gb=1e-9)  # budget below one layer -> 1 per pass
+    assert model.calls == 3 * layers and tiny_budget.per_layer == whole.per_layer
+    assert plan_group(32, 2**30, 0, 8.0) == 8 and plan_group(32, 2**30, 3, 8.0) == 3
+    with pytest.raises(ValueError, match="layers_per_pass"):
+        plan_group(4, 10, -1, 1.0)
+
+    # two ranks: rank 1 runs batch 1 (+ one repeated forward), rank 0 batches 0 and 2; rank 0 merges
+    sent: list[torch.Tensor] = []
+    rank1 = probe_mir(model, probe, layers, cpu, layers_per_pass=2, rank=1, world_size=2,
+                      gather=lambda rows: sent.append(rows))
+    assert rank1 is None and len(sent) == 2 * layers
+    received = iter(sent)
+    rank0 = probe_mir(model, probe, layers, cpu, layers_per_pass=2, rank=0, world_size=2,
+                      gather=lambda rows: [rows, next(received)])
+    assert rank0.per_layer == pytest.approx(whole.per_layer, rel=1e-12)
+    assert rank0.num_vision_rows == whole.num_vision_rows == 3 * 2 * 4
+    with pytest.raises(ValueError, match="gather"):
+        probe_mir(model, probe, layers, cpu, rank=0, world_size=2)
