@@ -136,6 +136,36 @@ class LLaVAJsonSourceConfig(SourceConfig):
     image_folder: str = ""
 
 
+@SourceConfig.register_subclass("interleaved")
+@dataclass
+class InterleavedSourceConfig(SourceConfig):
+    """Interleaved image-text documents ([text, image, text, ...]) from webdataset, MMC4 or OBELICS files."""
+
+    format: str = "webdataset"
+    """webdataset (document-layout tar shards: KEY.json + KEY.<member> images), mmc4 (jsonl) or obelics (parquet)."""
+    files: str = ""
+    """Shard/file paths; brace expansion and '::' separated lists allowed."""
+    image_folder: str = ""
+    """Folder holding the image files named by mmc4/obelics documents (unused for webdataset)."""
+    image_position: str = "before"
+    """mmc4 only: put each image before or after its matched sentence (before, after)."""
+    max_images: int = 0
+    """Most images kept per document; later ones are dropped, text kept (0 = no limit)."""
+
+
+@SourceConfig.register_subclass("text")
+@dataclass
+class TextSourceConfig(SourceConfig):
+    """Text-only documents from jsonl, webdataset (KEY.txt members) or parquet files."""
+
+    format: str = "jsonl"
+    """jsonl, webdataset or parquet."""
+    files: str = ""
+    """File/shard paths; brace expansion and '::' separated lists allowed."""
+    field: str = "text"
+    """jsonl field / parquet column holding the text (webdataset always reads KEY.txt)."""
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they become token sequences."""
@@ -229,6 +259,10 @@ class MIRConfig:
     """Probe sequence length; texts are cut to fit, the image never is."""
     cross: str = "exact"
     """Cross term: exact (true Tr((Sv St)^1/2)) or paper-fast (Tr(Sv St), what the reference code computes)."""
+    layers_per_pass: int = 0
+    """LLM layers whose pooled rows one probe pass keeps (0 = auto: as many as fit in mir.memory_gb)."""
+    memory_gb: float = 8.0
+    """Memory budget for pooled probe rows when layers_per_pass is 0 (rows stay in the model's dtype)."""
     system_prompt: str = LLAVA_SYSTEM
     """System text before ``USER:`` when the tokenizer has no chat template (LLaVA v1 format)."""
 

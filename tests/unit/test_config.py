@@ -48,7 +48,7 @@ def test_override_of_choice_field_keeps_current_type():
 @pytest.mark.parametrize("overrides, expected", [
     (["--model.vision.type", "timm"], "valid choices: hf, open_clip"),
     (["--model.connector.type", "qformer"], "valid choices: linear, mlp"),
-    (["--data.source.type", "csv"], "valid choices: llava_json, webdataset"),
+    (["--data.source.type", "csv"], "valid choices: interleaved, llava_json, text, webdataset"),
     (["--train.zero_stage", "4"], "train.zero_stage; valid choices: 0, 1, 2, 3"),
     (["--train.precision", "fp16"], "valid choices: fp32, bf16"),
     (["--optim.schedule", "step"], "valid choices: cosine, linear, constant"),

@@ -1,4 +1,5 @@
-"""Caption sources: the shared interface and ``build_source`` (config class -> source).
+"""Data sources (caption, interleaved and text): the shared interface and ``build_source``
+(config class -> source).
 
 A source owns one data format and one thing only: the deterministic order of one epoch. For a
 given ``(seed, epoch)`` it yields the same ``SampleRef`` sequence in every process (every rank,
@@ -14,9 +15,15 @@ the same shards/records valid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, runtime_checkable
+from typing import Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
-from lvlm.config.schema import LLaVAJsonSourceConfig, SourceConfig, WebDatasetSourceConfig
+from lvlm.config.schema import (
+    InterleavedSourceConfig,
+    LLaVAJsonSourceConfig,
+    SourceConfig,
+    TextSourceConfig,
+    WebDatasetSourceConfig,
+)
 from lvlm.data.sample import Sample
 from lvlm.data.skips import SkipCounter
 
@@ -58,6 +65,17 @@ def resolve_toy_free(path: str) -> str:
     return path
 
 
+def check_choice(option: str, value: str, valid: Sequence[str], kind: str) -> None:
+    """Refuse a string option outside ``valid`` with a message naming the value and the choices."""
+    if value not in valid:
+        choices = ", ".join(repr(v) for v in valid)
+        raise ValueError(f"{option}={value!r} is not valid for {kind} source; choose one of {choices}")
+
+
+def _resolve_files(files: str, resolve: Callable[[str], str]) -> str:
+    return "::".join(resolve(p.strip()) for p in files.split("::") if p.strip())
+
+
 def build_source(
     cfg: SourceConfig,
     *,
@@ -81,9 +99,28 @@ def build_source(
         return LLaVAJsonSource(
             resolve(cfg.json_path), resolve(cfg.image_folder), drop_prompt=True, name=name or "llava_json"
         )
+    if isinstance(cfg, InterleavedSourceConfig):
+        from lvlm.data.sources.interleaved import IMAGE_POSITIONS, INTERLEAVED_FORMATS, InterleavedSource
+
+        check_choice("format", cfg.format, INTERLEAVED_FORMATS, "an interleaved")
+        check_choice("image_position", cfg.image_position, IMAGE_POSITIONS, "an interleaved")
+        return InterleavedSource(
+            _resolve_files(cfg.files, resolve),
+            format=cfg.format,
+            image_folder=resolve(cfg.image_folder) if cfg.image_folder else "",
+            image_position=cfg.image_position,
+            max_images=cfg.max_images,
+            name=name or "interleaved",
+        )
+    if isinstance(cfg, TextSourceConfig):
+        from lvlm.data.sources.text import TEXT_FORMATS, TextSource
+
+        check_choice("format", cfg.format, TEXT_FORMATS, "a text")
+        return TextSource(_resolve_files(cfg.files, resolve), format=cfg.format, field=cfg.field, name=name or "text")
     raise TypeError(
-        f"unsupported source config {type(cfg).__name__}; known: WebDatasetSourceConfig, LLaVAJsonSourceConfig"
+        f"unsupported source config {type(cfg).__name__}; known: WebDatasetSourceConfig, LLaVAJsonSourceConfig, "
+        "InterleavedSourceConfig, TextSourceConfig"
     )
 
 
-__all__ = ["SampleRef", "CaptionSource", "build_source", "resolve_toy_free"]
+__all__ = ["SampleRef", "CaptionSource", "build_source", "check_choice", "resolve_toy_free"]
