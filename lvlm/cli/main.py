@@ -8,6 +8,7 @@ USAGE = """usage: lvlm <command> [args]
 commands:
   train [CONFIG.yaml] [--dotted.key value ...]   pre-train an LVLM (no arguments: the embedded toy default)
   mir --checkpoint RUN_DIR_OR_CHECKPOINT [--mir.key value ...]   MIR of a trained checkpoint
+  data convert --format FORMAT --input PATH --out DIR [...] | data verify DIR   convert data to tar shards / check them
 
 `lvlm <command> --help` shows a command's options."""
 
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         from lvlm.cli.mir import main as mir_main
 
         return mir_main(rest)
-    print(f"lvlm: unknown command {command!r}; valid commands: train, mir\n\n{USAGE}", file=sys.stderr)
+    if command == "data":
+        from lvlm.cli.data import main as data_main
+
+        return data_main(rest)
+    print(f"lvlm: unknown command {command!r}; valid commands: train, mir, data\n\n{USAGE}", file=sys.stderr)
     return 2
 
 
