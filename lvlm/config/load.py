@@ -8,14 +8,17 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import draccus
+import yaml
 
 from lvlm.config.schema import (
     Config,
     ConnectorConfig,
+    MixtureComponent,
     MLPConnectorConfig,
     SourceConfig,
     VisionConfig,
@@ -44,7 +47,7 @@ def _explain(err: Exception) -> str:
         where = path or "<top level>"
         return f"unknown key(s) {bad} under '{where}'; valid keys: {valid}"
     for path, registry in _CHOICE_CLASSES.items():
-        if path in msg and ("type" in msg or "choice" in msg.lower()):
+        if (path in msg or f".{registry.__name__}'" in msg) and ("type" in msg or "choice" in msg.lower()):
             return f"{msg}; valid '{path}.type' choices: {', '.join(sorted(registry.get_known_choices()))}"
     return msg
 
@@ -54,8 +57,12 @@ def _resolve_class(path: str, cls_name: str):
         for cls in registry.get_known_choices().values():
             if cls.__name__ == cls_name:
                 return cls
+    if cls_name == MixtureComponent.__name__:
+        return MixtureComponent
     cls = Config
     for part in [p for p in path.split(".") if p]:
+        if not dataclasses.is_dataclass(cls):
+            return None
         types = {f.name: f.default_factory for f in dataclasses.fields(cls)}
         factory = types.get(part)
         if factory is None or factory is dataclasses.MISSING:
@@ -69,6 +76,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
     _check_choice_overrides(overrides)
+    path, overrides = _apply_mixture_overrides(path, overrides)
     try:
         args = _with_choice_types(path, list(overrides))
         cfg = draccus.parse(Config, config_path=str(path) if path else None, args=args)
@@ -78,6 +86,44 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(_explain(e)) from e
     validate(cfg)
     return cfg
+
+
+MIXTURE_PREFIX = "--data.mixture."
+
+
+def _apply_mixture_overrides(path, overrides: Sequence[str]) -> tuple[str | Path | None, list[str]]:
+    """``--data.mixture.NAME.KEY value`` overrides (draccus cannot address dict entries) are applied to
+    the YAML's ``data.mixture`` mapping, written to a temporary file; other overrides pass through."""
+    args, rest, edits = list(overrides), [], []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith(MIXTURE_PREFIX):
+            key, value = (a.split("=", 1) if "=" in a else (a, args[i + 1] if i + 1 < len(args) else None))
+            i += 1 if "=" in a else 2
+            parts = key[len(MIXTURE_PREFIX):].split(".")
+            if value is None or len(parts) < 2 or not all(parts):
+                raise ConfigError(f"bad mixture override {a!r}: use --data.mixture.NAME.KEY VALUE, e.g. "
+                                  "--data.mixture.captions.weight 0.45 or --data.mixture.captions.source.shards PATH")
+            edits.append((parts, yaml.safe_load(value)))
+        else:
+            rest.append(a)
+            i += 1
+    if not edits:
+        return path, rest
+    doc = yaml.safe_load(Path(path).read_text()) if path is not None else {}
+    doc = doc or {}
+    for parts, value in edits:
+        node = doc.setdefault("data", {}).setdefault("mixture", {})
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"mixture override --data.mixture.{'.'.join(parts)}: {part!r} is not a mapping")
+        node[parts[-1]] = value
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lvlm-config-", delete=False)
+    with tmp:
+        yaml.safe_dump(doc, tmp)
+    return tmp.name, rest
 
 
 def _check_choice_overrides(overrides: Sequence[str]) -> None:
@@ -159,6 +205,15 @@ def validate(cfg: Config) -> Config:
     _one_of("mir.cross", cfg.mir.cross, ("exact", "paper-fast"))
     _positive("mir.every", cfg.mir.every, allow_zero=True)
     _positive("mir.batch_size", cfg.mir.batch_size)
+    _one_of("data.mix_by", cfg.data.mix_by, ("samples", "tokens"))
+    if not 0.0 < cfg.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction must be in (0, 1] (1 = never fail), "
+                          f"got {cfg.data.max_skip_fraction}")
+    for name, comp in cfg.data.mixture.items():
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+            raise ConfigError(f"mixture source name {name!r} must be letters, digits, '_' or '-'")
+        if not (comp.weight > 0 and comp.weight != float("inf")):
+            raise ConfigError(f"data.mixture.{name}.weight must be a finite number > 0, got {comp.weight}")
     _positive("mir.layers_per_pass", cfg.mir.layers_per_pass, allow_zero=True)
     if not cfg.mir.memory_gb > 0:
         raise ConfigError(f"mir.memory_gb must be > 0 (GiB for pooled probe rows), got {cfg.mir.memory_gb}")

@@ -167,10 +167,30 @@ class TextSourceConfig(SourceConfig):
 
 
 @dataclass
+class MixtureComponent:
+    """One named source of a data mixture and its weight."""
+
+    source: SourceConfig = field(default_factory=WebDatasetSourceConfig)
+    weight: float = 1.0
+    """Relative share of samples (or tokens, see data.mix_by); weights need not sum to 1."""
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they become token sequences."""
 
     source: SourceConfig = field(default_factory=WebDatasetSourceConfig)
+    """The single source, used when data.mixture is empty."""
+    mixture: dict[str, MixtureComponent] = field(default_factory=dict)
+    """Named sources with weights, mixed with exact ratios (replaces data.source when non-empty).
+    In YAML a mapping name -> {weight, source}; on the command line --data.mixture.NAME.KEY value."""
+    mix_by: str = "samples"
+    """What the mixture weights count: samples, or tokens (every reader then tokenizes every sample)."""
+    pack: bool = False
+    """Pack each micro-batch's samples into as few rows of data.max_length as possible (attention stays
+    inside each sample)."""
+    max_skip_fraction: float = 0.5
+    """Fail the run when more than this fraction of the samples read so far was skipped (1 = never)."""
     max_length: int = 128
     """Maximum sequence length in tokens, image tokens included; text is cut, images never are."""
     shuffle_buffer: int = 256

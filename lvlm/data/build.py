@@ -15,6 +15,15 @@ Owns the ordering contract that makes kill-and-resume exact and ranks disjoint:
   read or decoded); only its own batches are tokenized and decoded. ``W = 0`` runs in-process
   with the same order, so batches never depend on W.
 
+* A mixture (``cfg.mixture``) gives each named source its own infinite stream (epochs, shuffle
+  buffer seeded by the source name) and interleaves them by ``lvlm.data.mixture``'s exact-ratio
+  schedule; the interleaved stream is then split exactly as above. Skip reasons are prefixed with
+  the source name (``captions/missing_image``); each batch reports per-source sample and token counts.
+* ``cfg.pack`` packs each micro-batch's samples into rows of ``max_length`` (``lvlm.data.packing``);
+  which samples form micro-batch ``g`` does not change.
+* When more than ``cfg.max_skip_fraction`` of what a reader has seen was skipped (after at least
+  ``MIN_SEEN_FOR_SKIP_CHECK`` samples), the reader raises ``TooManySkipsError``.
+
 Assumes the data reads identically in every process (same files, same validity).
 """
 from __future__ import annotations
@@ -27,15 +36,35 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvlm.config.schema import DataConfig
 from lvlm.data.collate import ImageTransform, collate
-from lvlm.data.skips import SkipCounter
+from lvlm.data.mixture import Mixture, mix
+from lvlm.data.packing import packed_collate
+from lvlm.data.skips import PARTITIONED_REASONS, SkipCounter
 from lvlm.data.sources import CaptionSource, SampleRef, build_source
 from lvlm.data.tokenize import SampleTokenizer
 
 T = TypeVar("T")
 
 
+MIN_SEEN_FOR_SKIP_CHECK = 200
+
+
 class EmptySourceError(RuntimeError):
     """A whole epoch of the source produced no valid sample (the loader would loop forever)."""
+
+
+class TooManySkipsError(RuntimeError):
+    """More than data.max_skip_fraction of the samples read were bad."""
+
+
+class PrefixedSkips(SkipCounter):
+    """A view of a ``SkipCounter`` that files every reason under ``prefix/``."""
+
+    def __init__(self, target: SkipCounter, prefix: str) -> None:
+        super().__init__()
+        self.target, self.prefix = target, prefix
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.target.add(f"{self.prefix}/{reason}", n)
 
 
 def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
@@ -56,11 +85,12 @@ def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
 
 
 def global_stream(
-    source: CaptionSource, *, seed: int, shuffle_buffer: int, skips: SkipCounter
+    source: CaptionSource, *, seed: int, shuffle_buffer: int, skips: SkipCounter, tag: str = ""
 ) -> Iterator[SampleRef]:
-    """The infinite global stream of sample refs (see the module docstring)."""
+    """The infinite stream of one source's sample refs (see the module docstring); ``tag`` (a mixture
+    source name) gives each mixed source its own shuffle seed."""
     for epoch in itertools.count():
-        rng = random.Random(f"lvlm.shuffle_buffer/{seed}/{epoch}")
+        rng = random.Random(f"lvlm.shuffle_buffer/{seed}/{epoch}" + (f"/{tag}" if tag else ""))
         count = 0
         for ref in shuffled(source.iter_refs(seed, epoch, skips), shuffle_buffer, rng):
             count += 1
@@ -72,12 +102,12 @@ def global_stream(
             )
 
 
-class CaptionBatches(IterableDataset):
+class TrainBatches(IterableDataset):
     """One rank's batches, split across DataLoader workers by batch index."""
 
     def __init__(
         self,
-        source: CaptionSource,
+        sources: list[tuple[str, CaptionSource, float]],
         sample_tokenizer: SampleTokenizer,
         *,
         image_transform: ImageTransform,
@@ -89,6 +119,9 @@ class CaptionBatches(IterableDataset):
         world_size: int,
         seed: int,
         start_batch: int = 0,
+        mix_by: str = "samples",
+        pack: bool = False,
+        max_skip_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value, minimum in (
@@ -103,7 +136,13 @@ class CaptionBatches(IterableDataset):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
-        self.source = source
+        if not sources:
+            raise ValueError("no data source given")
+        Mixture([n for n, _, _ in sources], [w for _, _, w in sources], mix_by)  # validates names/weights/unit
+        self.sources = sources
+        self.mix_by = mix_by
+        self.pack = pack
+        self.max_skip_fraction = max_skip_fraction
         self.sample_tokenizer = sample_tokenizer
         self.image_transform = image_transform
         self.image_size = image_size
@@ -121,39 +160,101 @@ class CaptionBatches(IterableDataset):
             return self.iter_batches(worker=0, num_workers=1)
         return self.iter_batches(worker=info.id, num_workers=info.num_workers)
 
+    def _skips_of(self, skips: SkipCounter, index: int) -> SkipCounter:
+        return PrefixedSkips(skips, self.sources[index][0]) if len(self.sources) > 1 else skips
+
+    def mixed_stream(self, skips: SkipCounter) -> Iterator[tuple[int, SampleRef]]:
+        """The global stream of ``(source index, ref)``: one source as is, several by the mixture."""
+        if len(self.sources) == 1:
+            _, source, _ = self.sources[0]
+            return ((0, ref) for ref in global_stream(source, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                                                       skips=skips))
+        streams = [global_stream(src, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                                 skips=self._skips_of(skips, i), tag=name)
+                   for i, (name, src, _) in enumerate(self.sources)]
+        mixture = Mixture([n for n, _, _ in self.sources], [w for _, _, w in self.sources], self.mix_by)
+        return mix(streams, mixture, self._length if self.mix_by == "tokens" else None)
+
+    def _length(self, index: int, ref: SampleRef) -> int:
+        """Token count of a sample (token-weighted mixtures); 0 when it cannot be loaded or is dropped."""
+        try:
+            item = self.sample_tokenizer(ref.load())
+        except OSError:
+            return 0
+        return len(item.input_ids) if item is not None else 0
+
     def iter_batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """Batches ``start_batch + worker + k * num_workers``, k = 0, 1, ..., in order."""
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker must be in [0, {num_workers}), got {worker}")
         skips = SkipCounter()
-        stream = global_stream(self.source, seed=self.seed, shuffle_buffer=self.shuffle_buffer, skips=skips)
-        size, pending = self.micro_batch_size, []
-        for i, ref in enumerate(stream):
+        size, pending, loaded = self.micro_batch_size, [], 0
+        for i, (index, ref) in enumerate(self.mixed_stream(skips)):
             if i % self.world_size != self.rank:
                 continue
             batch_index, position = divmod(i // self.world_size, size)
             if batch_index < self.start_batch or (batch_index - self.start_batch) % num_workers != worker:
                 continue
-            pending.append(ref)
+            pending.append((index, ref))
             if position == size - 1:
                 yield self._make_batch(batch_index, pending, skips)
+                loaded += len(pending)
+                self._check_skips(skips, seen=i + 1, loaded=loaded)
                 pending = []
 
-    def _make_batch(self, batch_index: int, refs: list[SampleRef], skips: SkipCounter) -> dict[str, Any]:
+    def _check_skips(self, skips: SkipCounter, seen: int, loaded: int) -> None:
+        """Raise when the skipped fraction exceeds the limit: stream-level skips over everything the
+        stream walked, sample-level ones (tokenizer, decoding) over the samples this reader loaded."""
+        if self.max_skip_fraction >= 1.0:
+            return
+        counts = skips.as_dict()
+        own = sum(n for r, n in counts.items() if r.rsplit("/", 1)[-1] in PARTITIONED_REASONS)
+        shared = sum(counts.values()) - own
+        if seen + shared < MIN_SEEN_FOR_SKIP_CHECK:
+            return
+        fraction = shared / (seen + shared) + own / max(loaded, 1)
+        if fraction > self.max_skip_fraction:
+            raise TooManySkipsError(
+                f"{fraction:.1%} of the samples read were skipped, more than data.max_skip_fraction="
+                f"{self.max_skip_fraction}; skipped by reason: {counts}")
+
+    def _make_batch(self, batch_index: int, refs: list[tuple[int, SampleRef]], skips: SkipCounter) -> dict[str, Any]:
         tokenized = []
-        for ref in refs:
+        for index, ref in refs:
+            sample_skips = self._skips_of(skips, index)
             try:
                 sample = ref.load()
             except OSError:
-                skips.add("unreadable_image")
+                sample_skips.add("unreadable_image")
                 continue
-            item = self.sample_tokenizer(sample, skips)
+            sample.source = self.sources[index][0]
+            item = self.sample_tokenizer(sample, sample_skips)
             if item is not None:
                 tokenized.append(item)
-        batch = collate(tokenized, self.image_transform, self.pad_token_id, self.image_size, skips)
+        if self.pack:
+            batch = packed_collate(tokenized, self.image_transform, self.pad_token_id, self.image_size,
+                                   self.sample_tokenizer.max_length, skips)
+        else:
+            batch = collate(tokenized, self.image_transform, self.pad_token_id, self.image_size, skips)
+        counts: dict[str, list[int]] = {}
+        for name, length in zip(batch["sources"], batch["lengths"]):
+            entry = counts.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += length
+        batch["source_counts"] = counts
         batch["batch_index"] = batch_index
         batch["skipped"] = skips.as_dict()
         return batch
+
+
+def build_sources(cfg: DataConfig, resolve_path: Optional[Callable[[str], str]] = None
+                  ) -> list[tuple[str, CaptionSource, float]]:
+    """``(name, source, weight)`` for every source the data config names: the mixture, or data.source."""
+    if cfg.mixture:
+        return [(name, build_source(c.source, resolve_path=resolve_path, name=name), c.weight)
+                for name, c in cfg.mixture.items()]
+    source = build_source(cfg.source, resolve_path=resolve_path)
+    return [(source.name, source, 1.0)]
 
 
 def build_train_loader(
@@ -173,9 +274,10 @@ def build_train_loader(
     seed: int,
     start_batch: int = 0,
     resolve_path: Optional[Callable[[str], str]] = None,
-) -> Union[CaptionBatches, DataLoader]:
-    """An infinite iterable of batches: ``collate``'s keys plus ``batch_index`` and ``skipped``
-    (cumulative skip counts by reason, as seen by the process that built the batch)."""
+) -> Union[TrainBatches, DataLoader]:
+    """An infinite iterable of batches: ``collate``'s (or ``packed_collate``'s) keys plus ``batch_index``,
+    ``skipped`` (cumulative skip counts by reason, as seen by the process that built the batch) and
+    ``source_counts`` (source name -> [samples, tokens] in this batch)."""
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
     needed = tokens_per_image + (bos_token_id is not None) + 1
@@ -184,7 +286,6 @@ def build_train_loader(
             f"data.max_length={cfg.max_length} leaves no room for one image ({tokens_per_image} tokens)"
             f"{' after bos' if bos_token_id is not None else ''} and one caption token; need >= {needed}"
         )
-    source = build_source(cfg.source, resolve_path=resolve_path)
     sample_tokenizer = SampleTokenizer(
         tokenizer,
         image_token_id=image_token_id,
@@ -193,8 +294,8 @@ def build_train_loader(
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
     )
-    dataset = CaptionBatches(
-        source,
+    dataset = TrainBatches(
+        build_sources(cfg, resolve_path),
         sample_tokenizer,
         image_transform=image_transform,
         image_size=image_size,
@@ -205,6 +306,9 @@ def build_train_loader(
         world_size=world_size,
         seed=seed,
         start_batch=start_batch,
+        mix_by=cfg.mix_by,
+        pack=cfg.pack,
+        max_skip_fraction=cfg.max_skip_fraction,
     )
     if cfg.num_workers == 0:
         return dataset

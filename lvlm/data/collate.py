@@ -9,7 +9,8 @@ image, so every rank still runs a forward pass while contributing no supervised 
 Batch keys: ``input_ids``, ``attention_mask``, ``labels`` (all long ``[B, L]``; labels -100 on
 padding), ``pixel_values`` (float ``[N_images, 3, H, W]``, images in sample order then segment
 order; ``[0, 3, H, W]`` when there is none), ``num_samples`` (real samples, 0 for the dummy),
-``num_supervised_tokens`` (labels != -100) and ``keys`` (the samples' keys, in order).
+``num_supervised_tokens`` (labels != -100), ``keys``, ``sources`` and ``lengths`` (each sample's key,
+source name and token count, in order) and ``padding_waste`` (padded / all positions).
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def collate(
             "num_samples": 0,
             "num_supervised_tokens": 0,
             "keys": [],
+            "sources": [],
+            "lengths": [],
+            "padding_waste": 1.0,
         }
 
     length = max(len(sample.input_ids) for sample, _ in kept)
@@ -103,4 +107,7 @@ def collate(
         "num_samples": batch_size,
         "num_supervised_tokens": int((labels != IGNORE_INDEX).sum().item()),
         "keys": [sample.key for sample, _ in kept],
+        "sources": [sample.source for sample, _ in kept],
+        "lengths": [len(sample.input_ids) for sample, _ in kept],
+        "padding_waste": 1.0 - sum(len(sample.input_ids) for sample, _ in kept) / (batch_size * length),
     }

@@ -135,6 +135,8 @@ def _dummy_batch(pad_token_id: int, image_size: int) -> dict[str, Any]:
         "num_samples": 0,
         "num_supervised_tokens": 0,
         "keys": [],
+        "sources": [],
+        "lengths": [],
     }
 
 
@@ -180,6 +182,8 @@ def packed_collate(
     sequence_ids = torch.full(shape, -1, dtype=torch.long)
     pixels: list[torch.Tensor] = []
     keys: list[str] = []
+    sources: list[str] = []
+    lengths: list[int] = []
     for r, row in enumerate(rows):
         n = len(row)
         input_ids[r, :n] = torch.tensor(row.input_ids, dtype=torch.long)
@@ -191,6 +195,8 @@ def packed_collate(
         for i in row.indices:
             pixels.extend(_transform(image, image_transform, image_size, kept[i].key) for image in decoded[i])
         keys.extend(row.keys)
+        sources.extend(kept[i].source for i in row.indices)
+        lengths.extend(len(kept[i].input_ids) for i in row.indices)
 
     if pixels:
         pixel_values = torch.stack(pixels).to(torch.float32)
@@ -208,4 +214,6 @@ def packed_collate(
         "num_samples": len(kept),
         "num_supervised_tokens": int((labels != IGNORE_INDEX).sum().item()),
         "keys": keys,
+        "sources": sources,
+        "lengths": lengths,
     }

@@ -51,7 +51,7 @@ def merge_skip_counts(per_reader: list[dict[str, int]]) -> dict[str, int]:
     merged: dict[str, int] = {}
     for counts in per_reader:
         for reason, n in counts.items():
-            if reason in PARTITIONED_REASONS:
+            if reason.rsplit("/", 1)[-1] in PARTITIONED_REASONS:  # mixtures file reasons as "source/reason"
                 merged[reason] = merged.get(reason, 0) + n
             else:
                 merged[reason] = max(merged.get(reason, 0), n)

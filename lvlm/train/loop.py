@@ -25,7 +25,7 @@ from lvlm.train import checkpoint, engine as eng, stages
 from lvlm.train.rundir import write_run_record
 
 log = logging.getLogger("lvlm.train")
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids", "sequence_ids")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Summary:
     resumed_from: str | None = None
     skipped: dict = field(default_factory=dict)
     mir: list[tuple[int, float]] = field(default_factory=list)
+    sources: dict = field(default_factory=dict)  # mixture source -> {"samples": n, "tokens": n}, all ranks
 
     def head_tail(self, k: int = 5) -> tuple[float, float] | None:
         """Mean loss of the first and of the last k steps (single steps are noisy)."""
@@ -133,6 +134,7 @@ def train(cfg: Config) -> Summary:
 
     if probe is not None and start_step == 0:
         measure_mir(0)
+    mix_names = list(cfg.data.mixture)
     bar = _progress(cfg, start_step) if rank == 0 else None
     t_start = time.perf_counter()
     per_worker: dict[int, dict] = {}  # cumulative skip counts of each of this rank's data workers
@@ -144,6 +146,15 @@ def train(cfg: Config) -> Summary:
         (global_tokens,) = engine.all_reduce_sum([local_tokens])
         scale = world * accum / max(global_tokens, 1.0)
         loss_sum = 0.0
+        mix_counts = [0.0] * (2 * len(mix_names) + 2)  # per source: samples, tokens; then padded, positions
+        for batch in micro:
+            for j, name in enumerate(mix_names):
+                samples, tokens = batch["source_counts"].get(name, (0, 0))
+                mix_counts[2 * j] += samples
+                mix_counts[2 * j + 1] += tokens
+            positions = batch["input_ids"].numel()
+            mix_counts[-2] += positions - sum(batch["lengths"])
+            mix_counts[-1] += positions
         for i, batch in enumerate(micro):
             out = engine.forward(**_to_device(batch, engine.device))
             engine.backward(out.loss_sum * scale)
@@ -152,7 +163,13 @@ def train(cfg: Config) -> Summary:
             engine.step()
             loss_sum += float(out.loss_sum.detach())
             per_worker[batch["batch_index"] % workers] = batch["skipped"]
-        (loss_total,) = engine.all_reduce_sum([loss_sum])
+        (loss_total, *mix_counts) = engine.all_reduce_sum([loss_sum, *mix_counts])
+        step_sources = {name: {"samples": int(mix_counts[2 * j]), "tokens": int(mix_counts[2 * j + 1])}
+                        for j, name in enumerate(mix_names)}
+        for name, c in step_sources.items():
+            total = summary.sources.setdefault(name, {"samples": 0, "tokens": 0})
+            total["samples"] += c["samples"]
+            total["tokens"] += c["tokens"]
         loss = loss_total / max(global_tokens, 1.0)
         dt = time.perf_counter() - t0
         summary.tokens += int(global_tokens)
@@ -163,7 +180,9 @@ def train(cfg: Config) -> Summary:
         skipped = merge_skip_counts(list(per_worker.values()))
         record = {"step": step + 1, "loss": loss, "lr": engine.lr, "grad_norm": engine.grad_norm(),
                   "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt,
-                  "skipped": skipped}
+                  "skipped": skipped, "padding_waste": mix_counts[-2] / max(mix_counts[-1], 1.0)}
+        if len(mix_names) > 1:
+            record["sources"] = step_sources
         metrics.write(record)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / dt:,.0f}", refresh=False)
@@ -187,7 +206,10 @@ def train(cfg: Config) -> Summary:
         log.info("skipped samples (all ranks): %s", ", ".join(f"{k}={v}" for k, v in skipped.items()))
     metrics.write({"kind": "summary", "first_loss": summary.first_loss, "last_loss": summary.last_loss,
                    "loss_drop": summary.loss_drop, "tokens": summary.tokens, "seconds": summary.seconds,
-                   "skipped": skipped, "resumed_from": resumed_from})
+                   "skipped": skipped, "resumed_from": resumed_from, "sources": summary.sources})
+    if rank == 0 and summary.sources:
+        log.info("samples / tokens per source (this run): %s", ", ".join(
+            f"{k}={v['samples']}/{v['tokens']}" for k, v in summary.sources.items()))
     metrics.close()
     if rank == 0 and probe is not None:
         from lvlm.mir.report import plot_run
