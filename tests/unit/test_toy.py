@@ -13,12 +13,16 @@ import webdataset as wds
 from lvlm import toy
 from lvlm.config import Config
 from lvlm.config.schema import LLMConfig, OpenCLIPVisionConfig
+from lvlm.data.sample import ImageSegment, TextSegment
+from lvlm.data.skips import SkipCounter
+from lvlm.data.sources.interleaved import InterleavedSource
+from lvlm.data.sources.text import TextSource
 from lvlm.models.llm import build_llm
 from lvlm.models.vision import build_vision
 from lvlm.toy.backbones import LLMSpec, VisionSpec
 from lvlm.toy.scene import split_words, vocabulary
 from lvlm.toy.tokenizer import build_tokenizer
-from lvlm.toy.world import read_split, write_world
+from lvlm.toy.world import read_split, read_text, write_world
 
 TINY = toy.ToySpec(n_train=64, n_val=16, shard_size=32, n_text=200, image_size=32,
                    llm=LLMSpec(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=32),
@@ -28,7 +32,27 @@ TINY = toy.ToySpec(n_train=64, n_val=16, shard_size=32, n_text=200, image_size=3
 
 def _hashes(manifest: dict) -> list[str]:
     return [s["sha256"] for split in manifest["splits"].values() for s in split["shards"]] + \
-        [manifest["text"]["sha256"]]
+        [manifest["text"]["sha256"]] + \
+        [s["sha256"] for split in manifest["stories"].values() for s in split["shards"]] + \
+        [s["sha256"] for s in manifest["text_shards"]["shards"]]
+
+
+SMALL = dict(seed=0, n_train=40, n_val=8, shard_size=20, n_text=30, image_size=32)
+"""A small world: 10 train / 4 val stories (set below), 30 text documents."""
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("world")
+    return out, write_world(out, **SMALL, n_stories=10, n_stories_val=4)
+
+
+def _read(source, expected: int) -> list:
+    skips = SkipCounter()
+    docs = list(source.iter_samples(seed=0, epoch=0, skips=skips))
+    assert skips.total == 0, skips
+    assert len(docs) == expected
+    return docs
 
 
 def test_world_is_deterministic(tmp_path):
@@ -112,3 +136,47 @@ def test_resolve_config_resolves_only_toy_paths(assets):
     assert Config().optim == cfg.optim and cfg.seed == 0
     assert toy.resolve("/abs/path") == "/abs/path"
     assert Path(toy.resolve("toy://world/manifest.json", root=root, spec=TINY)).is_file()
+
+
+def test_stories_are_interleaved_documents(small_world):
+    world, manifest = small_world
+    assert [s["name"] for s in manifest["stories"]["train"]["shards"]] == \
+        [f"stories/train-{i:06d}.tar" for i in range(4)]
+    train = _read(InterleavedSource(str(world / "stories/train-{000000..000003}.tar"), format="webdataset"), 10)
+    val = _read(InterleavedSource(str(world / "stories/val-000000.tar"), format="webdataset"), 4)
+    docs = train + val
+    assert len({d.key for d in docs}) == len(docs)
+    words = set(vocabulary())
+    for doc in docs:
+        segs = doc.segments[1:] if isinstance(doc.segments[0], TextSegment) else doc.segments  # optional opening
+        assert 2 <= len(segs) // 2 <= 4 and len(segs) % 2 == 0
+        assert all(isinstance(s, ImageSegment) for s in segs[0::2])  # image, then the text about it
+        assert all(isinstance(s, TextSegment) and s.role == "assistant" for s in segs[1::2])
+        assert sum(isinstance(s, ImageSegment) for s in doc.segments) == len(doc.meta["meta"]["scenes"])
+        for image, text, scene in zip(segs[0::2], segs[1::2], doc.meta["meta"]["scenes"]):
+            assert scene["caption"] in text.text
+            assert image.load().size == (32, 32)
+        assert all(set(split_words(s.text)) <= words for s in doc.segments if isinstance(s, TextSegment))
+
+
+def test_text_shards_hold_the_text_corpus(small_world):
+    world, manifest = small_world
+    assert [s["name"] for s in manifest["text_shards"]["shards"]] == ["text/train-000000.tar", "text/train-000001.tar"]
+    docs = _read(TextSource(str(world / "text/train-{000000..000001}.tar"), format="webdataset"), 30)
+    texts = [d.segments[0].text for d in docs]
+    assert all(t.strip() for t in texts)
+    assert sorted(texts) == sorted(read_text(world))  # the jsonl's documents (file order is shuffled by epoch)
+
+
+def test_stories_and_text_shards_are_deterministic(small_world, tmp_path):
+    world, manifest = small_world
+    again = write_world(tmp_path / "again", **SMALL, n_stories=10, n_stories_val=4)
+    names = [s["name"] for part in ("train", "val") for s in manifest["stories"][part]["shards"]] + \
+        [s["name"] for s in manifest["text_shards"]["shards"]]
+    assert again == manifest
+    assert all((world / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in names)
+    fewer = write_world(tmp_path / "fewer", **SMALL, n_stories=6, n_stories_val=1)  # captions do not depend on them
+    assert fewer["splits"] == manifest["splits"] and fewer["text"] == manifest["text"]
+    assert fewer["stories"]["val"]["samples"] == 1 and fewer["stories"] != manifest["stories"]
+    with pytest.raises(ValueError, match="one story per shard"):
+        write_world(tmp_path / "bad", **SMALL, n_stories=3)

@@ -1,0 +1,62 @@
+"""Smoke test of the benchmark scripts: ``benchmarks/mir_7b_bench.py --tiny`` runs end to end.
+
+Runs the script in a subprocess, as a user would, so the whole path is covered: random-weight
+model written and built through ``build_lvlm``, synthetic probe, ``probe_mir`` under several
+streaming configurations. Checks it exits 0, prints one table row per configuration with a finite
+MIR, and that every configuration (all layers in one pass, two layers per pass, one layer per pass)
+gives the same MIR. On CPU always; on CUDA (bf16) too when a GPU is present.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "mir_7b_bench.py"
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    """Configuration label -> the fields of its table row."""
+    rows = {}
+    for line in stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0].startswith(("auto/", "fixed/")):
+            rows[fields[0]] = fields
+    return rows
+
+
+def _run_tiny(*args: str) -> dict[str, list[str]]:
+    """Run ``--tiny`` with ``args``; check exit status, rows and MIR; return the table rows."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "out of GPU memory" not in proc.stdout, proc.stdout
+    rows = _table_rows(proc.stdout)
+    assert set(rows) == {"auto/8GB", "auto/0.001GB", "fixed/1"}, proc.stdout
+    # columns: config, layers/pass, passes, wall s, s/pass, peak GPU GiB, peak RSS GiB, MIR
+    for fields in rows.values():
+        assert float(fields[2]) == math.ceil(4 / int(fields[1])), proc.stdout  # passes over the 4 layers
+        assert float(fields[6]) > 0, proc.stdout  # peak host RSS is reported
+    assert rows["auto/8GB"][1] == "4" and rows["fixed/1"][1] == "1", proc.stdout
+    mirs = [float(r[-1]) for r in rows.values()]
+    assert all(math.isfinite(m) for m in mirs), proc.stdout
+    assert max(mirs) - min(mirs) <= 1e-4, proc.stdout  # streaming layers never changes MIR
+    return rows
+
+
+def test_mir_7b_bench_tiny_cpu() -> None:
+    rows = _run_tiny("--device", "cpu", "--threads", "1")  # one thread: tiny ops, and steady on a busy host
+    assert rows["auto/0.001GB"][1:3] == ["2", "2"]  # fp32 rows: 2 of the 4 layers fit in the budget
+    assert all(r[5] == "-" for r in rows.values())  # no GPU memory on CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mir_7b_bench_tiny_cuda() -> None:
+    rows = _run_tiny("--device", "cuda")  # bf16 on cuda
+    assert all(float(r[5]) > 0 for r in rows.values())  # peak GPU memory is reported
