@@ -19,7 +19,7 @@ Owns the ordering contract that makes kill-and-resume exact and ranks disjoint:
   buffer seeded by the source name) and interleaves them by ``lvlm.data.mixture``'s exact-ratio
   schedule; the interleaved stream is then split exactly as above. Skip reasons are prefixed with
   the source name (``captions/missing_image``); each batch reports per-source sample and token counts.
-* ``cfg.pack`` packs each micro-batch's samples into rows of ``max_length`` (``lvlm.data.packing``);
+* ``cfg.pack`` packs each micro-batch's samples first-fit-decreasing into rows of ``max_length``;
   which samples form micro-batch ``g`` does not change.
 * When more than ``cfg.max_skip_fraction`` of what a reader has seen was skipped (after at least
   ``MIN_SEEN_FOR_SKIP_CHECK`` samples), the reader raises ``TooManySkipsError``.
@@ -233,7 +233,7 @@ class TrainBatches(IterableDataset):
                 tokenized.append(item)
         if self.pack:
             batch = packed_collate(tokenized, self.image_transform, self.pad_token_id, self.image_size,
-                                   self.sample_tokenizer.max_length, skips)
+                                   self.sample_tokenizer.max_length, skips, order="decreasing")
         else:
             batch = collate(tokenized, self.image_transform, self.pad_token_id, self.image_size, skips)
         counts: dict[str, list[int]] = {}

@@ -273,3 +273,33 @@ def test_every_kept_parameter_gets_a_gradient(oc_ckpts, hf_ckpts, family, layer)
 def test_build_vision_rejects_unknown_config_type():
     with pytest.raises(TypeError, match="HFVisionConfig.*OpenCLIPVisionConfig"):
         build_vision(VisionConfig())
+
+
+def test_fast_image_transform_matches_torchvision_composition():
+    """One box resize + fused normalisation == Resize(short side) -> CenterCrop -> ToTensor -> Normalize,
+    to within one grey level, for portrait, landscape, square, up- and down-scaled images; picklable."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from lvlm.models.vision.base import ResizeCropNormalize
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    fast = ResizeCropNormalize(56, mean, std)
+    enc = type("E", (), {"image_size": 56, "mean": mean, "std": std})
+    from lvlm.models.vision.base import VisionEncoder
+
+    reference = VisionEncoder.reference_transform(enc)
+    rng = np.random.default_rng(0)
+    grey = torch.tensor(std).view(3, 1, 1) * 255
+    for w, h in [(128, 96), (96, 128), (70, 70), (30, 20), (200, 57), (57, 190)]:
+        base = rng.normal(size=(h // 4 + 1, w // 4 + 1, 3))
+        arr = np.kron(base, np.ones((4, 4, 1)))[:h, :w] * 40 + 128 + rng.normal(0, 8, (h, w, 3))
+        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        a, b = fast(image), reference(image)
+        assert a.shape == b.shape == (3, 56, 56) and a.dtype == torch.float32
+        assert float(((a - b).abs() * grey).max()) <= 1.01, (w, h)
+        assert float((a - b).abs().mean()) < 1e-3
+    assert torch.equal(pickle.loads(pickle.dumps(fast))(image), fast(image))
+    assert fast(image.convert("L")).shape == (3, 56, 56)                # non-RGB input converted
