@@ -228,3 +228,25 @@ def test_mixed_caption_interleaved_text_stream_under_zero3(tiny, tmp_path):
     samples = {k: v["samples"] for k, v in summary["sources"].items()}
     assert samples == {"captions": 18, "stories": 18, "text": 4}      # 40 samples = 5 steps x 2 ranks x 4
     assert all(v["tokens"] > 0 for v in summary["sources"].values())
+
+
+@pytest.mark.slow
+def test_text_only_rank_next_to_image_rank_does_not_hang_zero3(tiny, tmp_path):
+    """Equal weights alternate caption, text, caption, ... and sample i goes to rank i % 2, so with one
+    sample per micro-batch rank 0 only ever sees images and rank 1 only text: ZeRO-3 must not hang."""
+    from pathlib import Path
+
+    from lvlm.track import read_metrics
+
+    world = Path(tiny["mir.images"]).parents[1]
+    run = tmp_path / "split"
+    run_train(tiny, run, ["--data.mixture.cap.weight", "1", "--data.mixture.cap.source.type", "webdataset",
+                          "--data.mixture.cap.source.shards", str(world / "captions" / "train-{000000..000003}.tar"),
+                          "--data.mixture.txt.weight", "1", "--data.mixture.txt.source.type", "text",
+                          "--data.mixture.txt.source.format", "webdataset", "--data.mixture.txt.source.files",
+                          str(world / "text" / "train-{000000..000001}.tar"),
+                          "--train.zero_stage", "3", "--train.max_steps", "3", "--train.micro_batch_size", "1",
+                          "--mir.every", "0"],
+              launcher="torchrun", nproc=2, timeout=300)
+    summary = next(r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "summary")
+    assert {k: v["samples"] for k, v in summary["sources"].items()} == {"cap": 3, "txt": 3}
