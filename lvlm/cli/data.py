@@ -1,10 +1,11 @@
-"""`lvlm data convert|verify`: turn a supported data format into lvlm tar shards, check shards.
+"""`lvlm data convert|verify|inspect`: convert a data format to lvlm tar shards, check shards, inspect a config.
 
   lvlm data convert --format FORMAT --input PATH [--input PATH ...] --out DIR
                     [--image-folder DIR] [--image-position before|after] [--max-images N]
                     [--field NAME] [--drop-prompt] [--text-as-txt]
                     [--samples-per-shard N] [--prefix data] [--overwrite]
   lvlm data verify DIR
+  lvlm data inspect [CONFIG.yaml] [--samples N] [--json PATH] [--dotted.key value ...]
 
 FORMAT is one of: llava_json, webdataset, interleaved-webdataset, mmc4, obelics, text-jsonl,
 text-webdataset, text-parquet. The source is built from its config class in lvlm.config.schema and
@@ -14,6 +15,11 @@ llava_json keeps the human turns as user text (conversations keep their roles) u
 --drop-prompt is given (LLaVA stage-1 "plain": image + caption only, written as caption pairs).
 --field is the text field of text-* formats, or the caption key of webdataset (default txt).
 Problems in the input (missing or corrupt images, bad records) are skipped and counted.
+
+inspect loads a config (e.g. a data_recipes/*.yaml data block; toy:// assets built if needed), reads the
+first N (default 2000) samples of its global training stream the way training does, and prints per-source
+sample/token shares against the weights, the modality mix, a token-length histogram, padding waste with and
+without packing at train.micro_batch_size, and skipped samples by reason (lvlm.data.inspect).
 """
 from __future__ import annotations
 
@@ -205,6 +211,65 @@ def _verify(argv: list[str]) -> int:
     return 0
 
 
+def _take_option(args: list[str], name: str) -> Optional[str]:
+    """Remove ``name VALUE`` / ``name=VALUE`` from ``args``; the value, or None when absent."""
+    for i, a in enumerate(args):
+        if a == name:
+            if i + 1 >= len(args):
+                raise _UsageError(f"{name} needs a value")
+            value = args[i + 1]
+            del args[i:i + 2]
+            return value
+        if a.startswith(name + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def _inspect(argv: list[str]) -> int:
+    from lvlm.cli.train import split_args
+    from lvlm.config import ConfigError, load_config
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: lvlm data inspect [CONFIG.yaml] [--samples N] [--json PATH] [--dotted.key value ...]")
+        return 0
+    try:
+        rest = list(argv)
+        samples = _take_option(rest, "--samples")
+        json_path = _take_option(rest, "--json")
+        path, rest = split_args(rest)
+        num = int(samples) if samples is not None else 2000
+        if num < 1:
+            raise _UsageError(f"--samples must be >= 1, got {num}")
+        cfg = load_config(path, rest)
+    except (_UsageError, ConfigError, ValueError) as err:
+        print(f"lvlm data inspect: {err}", file=sys.stderr)
+        return 2
+    import logging
+
+    from lvlm import toy
+    from lvlm.data.inspect import data_spec_for, format_report, inspect_data
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # toy-asset build progress
+
+    try:
+        cfg = toy.resolve_config(cfg)
+        report = inspect_data(cfg.data, data_spec_for(cfg.model), num_samples=num,
+                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
+                              resolve_path=toy.resolve)  # also mixture entries (a dict resolve_config skips)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"lvlm data inspect: {err}", file=sys.stderr)
+        return 2
+    print(format_report(report, path or "<default config>", cfg.data.max_skip_fraction))
+    if json_path:
+        import json
+
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        print(f"json: {json_path}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -215,5 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _convert(rest)
     if command == "verify":
         return _verify(rest)
-    print(f"lvlm data: unknown subcommand {command!r}; valid: convert, verify", file=sys.stderr)
+    if command == "inspect":
+        return _inspect(rest)
+    print(f"lvlm data: unknown subcommand {command!r}; valid: convert, verify, inspect", file=sys.stderr)
     return 2

@@ -9,6 +9,7 @@ commands:
   train [CONFIG.yaml] [--dotted.key value ...]   pre-train an LVLM (no arguments: the embedded toy default)
   mir --checkpoint RUN_DIR_OR_CHECKPOINT [--mir.key value ...]   MIR of a trained checkpoint
   data convert --format FORMAT --input PATH --out DIR [...] | data verify DIR   convert data to tar shards / check them
+  data inspect RECIPE.yaml [--samples N] [--json PATH]   counts, shares, lengths, padding waste, skips of a recipe
 
 `lvlm <command> --help` shows a command's options."""
 

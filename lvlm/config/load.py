@@ -122,7 +122,7 @@ def _apply_mixture_overrides(path, overrides: Sequence[str]) -> tuple[str | Path
         node[parts[-1]] = value
     tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lvlm-config-", delete=False)
     with tmp:
-        yaml.safe_dump(doc, tmp)
+        yaml.safe_dump(doc, tmp, sort_keys=False)  # mixture order breaks schedule ties
     return tmp.name, rest
 
 

@@ -114,6 +114,8 @@ def _resolve_tree(obj: Any, root: Path | None, spec: ToySpec | None) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: _resolve_tree(getattr(obj, f.name), root, spec) for f in dataclasses.fields(obj)}
         return dataclasses.replace(obj, **changes)
+    if isinstance(obj, dict):  # e.g. data.mixture: name -> component
+        return {k: _resolve_tree(v, root, spec) for k, v in obj.items()}
     return obj
 
 

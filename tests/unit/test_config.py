@@ -100,3 +100,19 @@ def test_cli_refuses_bad_config_before_any_work(capsys, tmp_path):
     assert rc == 2
     assert "valid choices: 0, 1, 2, 3" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_mixture_overrides_keep_order_and_toy_paths_resolve_inside_the_mixture(monkeypatch, tmp_path):
+    """Mixture order breaks schedule ties, so an override must not reorder it; toy:// paths inside
+    data.mixture entries are resolved like any other."""
+    import lvlm.toy as toy
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "data_recipes" / "vila_pretrain.yaml", ["--data.mixture.mmc4.weight", "2"])
+    assert list(cfg.data.mixture) == ["mmc4", "coyo"] and cfg.data.mixture["mmc4"].weight == 2.0
+    monkeypatch.setattr(toy, "prepare", lambda root=None, spec=None: tmp_path)   # no asset build in a unit test
+    resolved = toy.resolve_config(cfg)
+    for comp in resolved.data.mixture.values():
+        paths = [v for v in vars(comp.source).values() if isinstance(v, str) and v]
+        assert paths and not any(p.startswith("toy://") for p in paths)
+        assert any(p.startswith(str(tmp_path)) for p in paths)
