@@ -187,8 +187,8 @@ class DataConfig:
     mix_by: str = "samples"
     """What the mixture weights count: samples, or tokens (every reader then tokenizes every sample)."""
     pack: bool = False
-    """Pack each micro-batch's samples into as few rows of data.max_length as possible (attention stays
-    inside each sample)."""
+    """Pack samples into rows of data.max_length (attention stays inside each sample); a micro-batch is then
+    train.micro_batch_size ROWS, filled in stream order."""
     max_skip_fraction: float = 0.5
     """Fail the run when more than this fraction of the samples read so far was skipped (1 = never)."""
     max_length: int = 128

@@ -19,8 +19,10 @@ Owns the ordering contract that makes kill-and-resume exact and ranks disjoint:
   buffer seeded by the source name) and interleaves them by ``lvlm.data.mixture``'s exact-ratio
   schedule; the interleaved stream is then split exactly as above. Skip reasons are prefixed with
   the source name (``captions/missing_image``); each batch reports per-source sample and token counts.
-* ``cfg.pack`` packs each micro-batch's samples first-fit-decreasing into rows of ``max_length``;
-  which samples form micro-batch ``g`` does not change.
+* With ``cfg.pack`` a micro-batch is ``micro_batch_size`` ROWS of ``max_length`` tokens: the rank's samples
+  (same split as above: raw sample ``i`` to rank ``i % world_size``) fill rows first-fit in order until
+  ``micro_batch_size`` samples were found that fit nowhere, which then open micro-batch ``g + 1``
+  (``RowFiller``); the batch's row layout is first-fit-decreasing. Exact resume and worker-independence hold as without packing.
 * When more than ``cfg.max_skip_fraction`` of what a reader has seen was skipped (after at least
   ``MIN_SEEN_FOR_SKIP_CHECK`` samples), the reader raises ``TooManySkipsError``.
 
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lvlm.config.schema import DataConfig
 from lvlm.data.collate import ImageTransform, collate
 from lvlm.data.mixture import Mixture, mix
-from lvlm.data.packing import packed_collate
+from lvlm.data.packing import RowFiller, packed_collate
 from lvlm.data.skips import PARTITIONED_REASONS, SkipCounter
 from lvlm.data.sources import CaptionSource, SampleRef, build_source
 from lvlm.data.tokenize import SampleTokenizer
@@ -187,6 +189,9 @@ class TrainBatches(IterableDataset):
         """Batches ``start_batch + worker + k * num_workers``, k = 0, 1, ..., in order."""
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker must be in [0, {num_workers}), got {worker}")
+        if self.pack:
+            yield from self._iter_packed(worker, num_workers)
+            return
         skips = SkipCounter()
         size, pending, loaded = self.micro_batch_size, [], 0
         for i, (index, ref) in enumerate(self.mixed_stream(skips)):
@@ -201,6 +206,47 @@ class TrainBatches(IterableDataset):
                 loaded += len(pending)
                 self._check_skips(skips, seen=i + 1, loaded=loaded)
                 pending = []
+
+    def _iter_packed(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """Packed micro-batches: ``micro_batch_size`` rows of ``max_length`` filled first-fit, in order,
+        from this rank's samples (``RowFiller``). A sample that fits nowhere is held back and later ones
+        keep filling the gaps; once ``micro_batch_size`` samples are held, the batch closes and the held
+        ones open the next (so no sample waits more than one batch). Batch membership depends on token lengths, so every
+        worker tokenizes all of the rank's samples (cheap: no image is decoded) but decodes and collates
+        only its own batches; skips of a dropped sample are counted by the worker owning the open batch."""
+        skips, filler = SkipCounter(), RowFiller(self.micro_batch_size, self.sample_tokenizer.max_length)
+        members: list = []
+        carry: list = []
+        batch_index, loaded = 0, 0
+
+        def mine(g: int) -> bool:
+            return g >= self.start_batch and (g - self.start_batch) % num_workers == worker
+
+        for i, (index, ref) in enumerate(self.mixed_stream(skips)):
+            if i % self.world_size != self.rank:
+                continue
+            item = self._tokenize(index, ref, self._skips_of(skips, index) if mine(batch_index) else SkipCounter())
+            if item is None:
+                continue
+            if filler.fits(len(item.input_ids)):
+                filler.add(len(item.input_ids))
+                members.append(item)
+                continue
+            carry.append(item)  # fits nowhere now: keeps filling with later samples, then opens the next batch
+            if len(carry) < self.micro_batch_size:
+                continue
+            if mine(batch_index):
+                yield self._collate(batch_index, members, skips)
+                loaded += len(members)
+                self._check_skips(skips, seen=i + 1, loaded=loaded)
+            batch_index, members, waiting, carry = batch_index + 1, [], carry, []
+            filler.reset()
+            for held in waiting:  # held samples open the next batch, in order; any that still fit nowhere wait on
+                if filler.fits(len(held.input_ids)):
+                    filler.add(len(held.input_ids))
+                    members.append(held)
+                else:
+                    carry.append(held)
 
     def _check_skips(self, skips: SkipCounter, seen: int, loaded: int) -> None:
         """Raise when the skipped fraction exceeds the limit: stream-level skips over everything the
@@ -218,19 +264,22 @@ class TrainBatches(IterableDataset):
                 f"{fraction:.1%} of the samples read were skipped, more than data.max_skip_fraction="
                 f"{self.max_skip_fraction}; skipped by reason: {counts}")
 
+    def _tokenize(self, index: int, ref: SampleRef, skips: SkipCounter):
+        """Load and tokenize one sample (None when it is dropped; the reason goes to ``skips``)."""
+        try:
+            sample = ref.load()
+        except OSError:
+            skips.add("unreadable_image")
+            return None
+        sample.source = self.sources[index][0]
+        return self.sample_tokenizer(sample, skips)
+
     def _make_batch(self, batch_index: int, refs: list[tuple[int, SampleRef]], skips: SkipCounter) -> dict[str, Any]:
-        tokenized = []
-        for index, ref in refs:
-            sample_skips = self._skips_of(skips, index)
-            try:
-                sample = ref.load()
-            except OSError:
-                sample_skips.add("unreadable_image")
-                continue
-            sample.source = self.sources[index][0]
-            item = self.sample_tokenizer(sample, sample_skips)
-            if item is not None:
-                tokenized.append(item)
+        tokenized = [item for index, ref in refs
+                     if (item := self._tokenize(index, ref, self._skips_of(skips, index))) is not None]
+        return self._collate(batch_index, tokenized, skips)
+
+    def _collate(self, batch_index: int, tokenized: list, skips: SkipCounter) -> dict[str, Any]:
         if self.pack:
             batch = packed_collate(tokenized, self.image_transform, self.pad_token_id, self.image_size,
                                    self.sample_tokenizer.max_length, skips, order="decreasing")

@@ -187,7 +187,7 @@ def inspect_data(
             waste["rows_unpacked"] += len(row_lengths)
             waste["rows_packed"] += len(rows)
         for name, ids in zip(batch["sources"], _sample_ids(batch)):
-            if len(lengths) == num_samples:
+            if len(lengths) == num_samples and not cfg.pack:  # packed batches are read whole (row order)
                 break
             image_tokens = int((ids == spec.image_token_id).sum())
             images = image_tokens // spec.tokens_per_image

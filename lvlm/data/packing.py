@@ -217,3 +217,37 @@ def packed_collate(
         "sources": sources,
         "lengths": lengths,
     }
+
+
+class RowFiller:
+    """Streaming first-fit of samples, in arrival order, into ``rows`` rows of ``max_length`` tokens.
+
+    Decides which consecutive samples of a stream form one packed micro-batch: ``fits(n)`` says whether a
+    sample of ``n`` tokens still fits in some open row (first fit) or in a new one while fewer than
+    ``rows`` are open; when it does not, the micro-batch is complete and the sample starts the next one.
+    The final row layout of a batch is left to ``packed_collate`` (first-fit-decreasing over the batch).
+    """
+
+    def __init__(self, rows: int, max_length: int) -> None:
+        if rows < 1 or max_length < 1:
+            raise ValueError(f"rows and max_length must be >= 1, got {rows} and {max_length}")
+        self.rows, self.max_length = rows, max_length
+        self.used: list[int] = []
+
+    def fits(self, n: int) -> bool:
+        return any(u + n <= self.max_length for u in self.used) or len(self.used) < self.rows
+
+    def add(self, n: int) -> None:
+        """Place a sample of ``n`` tokens (``fits(n)`` must hold)."""
+        if not 1 <= n <= self.max_length:
+            raise ValueError(f"a sample of {n} tokens cannot be packed into rows of {self.max_length}")
+        for r, u in enumerate(self.used):
+            if u + n <= self.max_length:
+                self.used[r] = u + n
+                return
+        if len(self.used) >= self.rows:
+            raise ValueError("no room: call fits() first and start a new batch")
+        self.used.append(n)
+
+    def reset(self) -> None:
+        self.used = []

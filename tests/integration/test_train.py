@@ -226,7 +226,10 @@ def test_mixed_caption_interleaved_text_stream_under_zero3(tiny, tmp_path):
     assert len(steps) == 5 and all(r["loss"] == r["loss"] and 0 <= r["padding_waste"] < 1 for r in steps)
     summary = next(r for r in records if r.get("kind") == "summary")
     samples = {k: v["samples"] for k, v in summary["sources"].items()}
-    assert samples == {"captions": 18, "stories": 18, "text": 4}      # 40 samples = 5 steps x 2 ranks x 4
+    total = sum(samples.values())                    # packed: 4 rows of 96 per micro-batch, > 4 samples each
+    assert total > 40 and set(samples) == {"captions", "stories", "text"}
+    for name, share in (("captions", 0.45), ("stories", 0.45), ("text", 0.10)):
+        assert abs(samples[name] - share * total) <= 3, samples       # each rank reads a prefix of its split
     assert all(v["tokens"] > 0 for v in summary["sources"].values())
 
 

@@ -117,9 +117,9 @@ def data_config(mixture, pack: bool = False) -> DataConfig:
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_inspect_measures_a_fixture_mixture(spec, mixture, pack):
-    n = 100
-    report = inspect_data(data_config(mixture, pack), spec, num_samples=n, micro_batch_size=10, seed=3)
-    assert report.samples == n and report.batches == 10
+    report = inspect_data(data_config(mixture, pack), spec, num_samples=100, micro_batch_size=10, seed=3)
+    n = report.samples                                  # packed batches (10 rows of 48) are read whole
+    assert (n >= 100 and report.batches < 10) if pack else (n == 100 and report.batches == 10)
     by_name = {s.name: s for s in report.sources}
     for s in by_name.values():
         assert abs(s.samples - s.target_share * n) <= 2, s
@@ -161,9 +161,8 @@ def test_inspect_reads_what_training_reads(spec, mixture):
             entry[1] += tokens
     assert {s.name: [s.samples, s.tokens] for s in plain.sources} == counts
     packed = inspect_data(data_config(mixture, pack=True), spec, num_samples=60, micro_batch_size=10, seed=1)
-    assert [(s.samples, s.tokens) for s in plain.sources] == [(s.samples, s.tokens) for s in packed.sources]
-    assert plain.padding == {**packed.padding, "configured": "unpacked"}
-    assert plain.histogram == packed.histogram
+    assert packed.samples >= 60 and all(abs(s.samples - s.target_share * packed.samples) <= 2 for s in packed.sources)
+    assert packed.padding["packed"] < plain.padding["unpacked"]
 
 
 def test_inspect_counts_a_corrupt_image(spec, tmp_path):
