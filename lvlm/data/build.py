@@ -22,7 +22,8 @@ Owns the ordering contract that makes kill-and-resume exact and ranks disjoint:
 * With ``cfg.pack`` a micro-batch is ``micro_batch_size`` ROWS of ``max_length`` tokens: the rank's samples
   (same split as above: raw sample ``i`` to rank ``i % world_size``) fill rows first-fit in order until
   ``micro_batch_size`` samples were found that fit nowhere, which then open micro-batch ``g + 1``
-  (``RowFiller``); the batch's row layout is first-fit-decreasing. Exact resume and worker-independence hold as without packing.
+  (``RowFiller``); the batch's row layout is first-fit-decreasing. Exact resume and
+  worker-independence hold as without packing.
 * When more than ``cfg.max_skip_fraction`` of what a reader has seen was skipped (after at least
   ``MIN_SEEN_FOR_SKIP_CHECK`` samples), the reader raises ``TooManySkipsError``.
 
