@@ -8,6 +8,8 @@ token and how many LLM tokens one image becomes, a ``Sample`` becomes::
         image      -> tokens_per_image x image_token_id            labels -100
         user text  -> tokenizer ids                                  labels -100
         assistant  -> tokenizer ids, then eos (if eos_token_id set)  labels = ids
+                      when the assistant turn ends there (next text is user/system, or the end):
+                      one EOS per chat turn, one per interleaved document
 
 Labels are aligned with ``input_ids`` (no shift; the model shifts, as transformers does).
 Truncation to ``max_length`` cuts text only: if an image span would cross ``max_length``, that
@@ -42,6 +44,19 @@ def _check_int(name: str, value: Any, minimum: Optional[int]) -> None:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _turn_ends(segments: list) -> list[bool]:
+    """Per segment: does an assistant turn end after it? True for an assistant text followed (images
+    skipped) by a user/system text or by the end of the sample: a chat gets EOS after every assistant
+    turn, an interleaved document [text, image, text, ...] one EOS at its end."""
+    ends, following = [False] * len(segments), None
+    for i in range(len(segments) - 1, -1, -1):
+        seg = segments[i]
+        if isinstance(seg, TextSegment):
+            ends[i] = seg.supervised and (following is None or not following.supervised)
+            following = seg
+    return ends
 
 
 class SampleTokenizer:
@@ -83,7 +98,8 @@ class SampleTokenizer:
         if self.bos_token_id is not None:
             ids.append(self.bos_token_id)
             labels.append(IGNORE_INDEX)
-        for segment in sample.segments:
+        ends_turn = _turn_ends(sample.segments)
+        for segment, end in zip(sample.segments, ends_turn):
             room = self.max_length - len(ids)
             if room <= 0:
                 break
@@ -96,7 +112,7 @@ class SampleTokenizer:
             elif isinstance(segment, TextSegment):
                 text_ids = self.encode_text(segment.text)
                 if segment.supervised:
-                    if self.eos_token_id is not None:
+                    if self.eos_token_id is not None and end:
                         text_ids.append(self.eos_token_id)
                     text_labels = list(text_ids)
                 else:

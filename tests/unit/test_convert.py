@@ -309,3 +309,33 @@ def test_mmc4_document_order(tmp_path, capsys, position):
     assert members["000000000.img1.png"] == image_bytes(2, "PNG")
     assert load_manifest(out).params["source_config"]["image_position"] == position
     assert tar_members(os.path.join(out, "data-000000.tar"))[0][0] == "000000000.json"
+
+
+def test_obelics_and_text_parquet_convert(tmp_path, capsys):
+    """OBELICS parquet + image folder -> documents in order (a malformed row counted); text parquet -> text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(image_bytes(1, "JPEG"))
+    rows = {"texts": [["Intro.", None, "After the image."], [None, None]],
+            "images": [[None, "http://example.com/x/a.jpg", None], ["a.jpg", "a.jpg"]]}   # row 2: no text at all
+    obelics = str(tmp_path / "obelics.parquet")
+    pq.write_table(pa.table(rows), obelics)
+    out = str(tmp_path / "out")
+    assert main(["data", "convert", "--format", "obelics", "--input", obelics, "--image-folder", str(folder),
+                 "--out", out]) == 0
+    segs = docs_of(out)["000000000.json"]["segments"]
+    assert [s["type"] for s in segs] == ["text", "image", "text"]
+    assert segs[0]["text"] == "Intro." and segs[2]["text"] == "After the image."
+    assert all_members(out)["000000000.img0.jpg"] == image_bytes(1, "JPEG")
+    manifest = load_manifest(out)
+    assert manifest.totals["samples"] == 1 and sum(manifest.skips.values()) == 1
+    text = str(tmp_path / "text.parquet")
+    pq.write_table(pa.table({"body": ["first document", "  ", "second document"]}), text)
+    out2 = str(tmp_path / "out2")
+    assert main(["data", "convert", "--format", "text-parquet", "--input", text, "--field", "body",
+                 "--out", out2]) == 0
+    texts = [d["segments"][0]["text"] for d in docs_of(out2).values()]
+    assert texts == ["first document", "second document"] and load_manifest(out2).skips == {"empty_text": 1}

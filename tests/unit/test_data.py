@@ -113,8 +113,8 @@ def test_truncation_never_cuts_an_image_span(tok):
     out = sample_tokenizer(tok, max_length=1 + TPI + 2)(Sample([img, caption]))
     assert len(out.input_ids) == 1 + TPI + 2 and out.input_ids.count(ids["image_token_id"]) == TPI
     # the second image would cross max_length: it and everything after are dropped
-    two = Sample([img, TextSegment("a cat"), img, TextSegment("a dog")])  # "a cat" + eos = 3 tokens
-    for max_length in range(1 + TPI + 3, 1 + TPI + 3 + TPI):
+    two = Sample([img, TextSegment("a cat"), img, TextSegment("a dog")])  # "a cat" = 2 tokens, no eos mid-document
+    for max_length in range(1 + TPI + 2, 1 + TPI + 2 + TPI):
         out = sample_tokenizer(tok, max_length=max_length)(two)
         assert out.input_ids.count(ids["image_token_id"]) == TPI and len(out.images) == 1
         assert len(out.input_ids) <= max_length
@@ -290,3 +290,19 @@ def test_empty_source_raises(tmp_path, tok, workers):
 def test_loader_rejects_max_length_without_room_for_an_image(tok, clean_shards):
     with pytest.raises(ValueError, match="max_length=5"):
         make_loader(tok, WebDatasetSourceConfig(shards=clean_shards[0]), max_length=5)
+
+
+def test_eos_ends_each_assistant_turn_and_each_document(tok):
+    """One EOS per assistant turn in a chat, one at the end of an interleaved document (not after each
+    of its text pieces), one after a caption."""
+    eos = tok.eos_token_id
+    img = ImageSegment(jpeg_bytes(1))
+    tokenize = sample_tokenizer(tok, max_length=200)
+    chat = Sample([TextSegment("describe the image", role="user"), img, TextSegment("a red cat"),
+                   TextSegment("and the dog", role="user"), TextSegment("a blue dog")])
+    document = Sample([TextSegment("a red cat"), img, TextSegment("a blue dog"), img, TextSegment("a cat")])
+    caption = Sample([img, TextSegment("a red cat")])
+    for sample, expected in ((chat, 2), (document, 1), (caption, 1)):
+        out = tokenize(sample)
+        assert out.input_ids.count(eos) == expected, sample
+        assert out.input_ids[-1] == eos and out.labels[-1] == eos         # supervised, at the very end

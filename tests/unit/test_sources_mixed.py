@@ -298,3 +298,17 @@ def test_build_source_refuses_bad_choices(tmp_path):
         InterleavedSource("x.tar", max_images=-1)
     with pytest.raises(ValueError, match="files must be"):
         build_source(TextSourceConfig(files=""))
+
+
+def test_document_shards_also_read_caption_pairs(tmp_path):
+    """`lvlm data convert` writes caption pairs in the img2dataset layout next to documents: one
+    interleaved webdataset source reads both; a group with neither layout is a bad document."""
+    path = str(tmp_path / "mixed.tar")
+    write_tar(path, [*simple_document("doc0", 0), ("cap1.jpg", image_bytes(1)), ("cap1.txt", b"a red cat"),
+                     ("orphan.jpg", image_bytes(2))])
+    skips = SkipCounter()
+    samples = list(InterleavedSource(path, format="webdataset").iter_samples(0, 0, skips))
+    assert [s.key for s in samples] == ["doc0", "cap1"]
+    cap = samples[1].segments
+    assert len(cap) == 2 and cap[0].data == image_bytes(1) and cap[1].text == "a red cat"
+    assert skips.as_dict() == {"bad_document": 1}

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.sources import SampleRef, check_choice
+from lvlm.data.sources.webdataset_caption import IMAGE_EXTENSIONS as CAPTION_IMAGE_EXTENSIONS
 from lvlm.data.sources.text import DocumentFileSource, file_key, iter_jsonl, iter_parquet_rows, iter_tar_groups
 
 INTERLEAVED_FORMATS: tuple[str, ...] = ("webdataset", "mmc4", "obelics")
@@ -94,6 +95,19 @@ def parse_document_layout(raw: bytes) -> Optional[tuple[list[Item], dict]]:
         else:
             return None
     return items, meta
+
+
+def caption_pair(group: dict[str, bytes]) -> Optional[tuple[list[Item], dict]]:
+    """An img2dataset-layout member group without ``KEY.json`` (``KEY.jpg`` + ``KEY.txt``) -> [image, text],
+    so shards that ``lvlm data convert`` wrote with caption pairs next to documents read as one source."""
+    image = next((ext for ext in CAPTION_IMAGE_EXTENSIONS if ext in group), None)
+    if image is None or "txt" not in group:
+        return None
+    try:
+        caption = group["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return [_Member(image), TextSegment(caption)], {}
 
 
 def parse_mmc4(doc: Any, image_folder: str, position: str) -> Optional[list[Item]]:
@@ -171,7 +185,7 @@ class InterleavedSource(DocumentFileSource):
     def _iter_file(self, url: str, skips: SkipCounter) -> Iterator[SampleRef]:
         if self.format == "webdataset":
             for key, group in iter_tar_groups(url, skips):
-                parsed = parse_document_layout(group["json"]) if "json" in group else None
+                parsed = parse_document_layout(group["json"]) if "json" in group else caption_pair(group)
                 if parsed is None:
                     skips.add("bad_document")
                     continue
