@@ -306,3 +306,34 @@ def test_eos_ends_each_assistant_turn_and_each_document(tok):
         out = tokenize(sample)
         assert out.input_ids.count(eos) == expected, sample
         assert out.input_ids[-1] == eos and out.labels[-1] == eos         # supervised, at the very end
+
+
+def test_local_shards_read_image_bytes_only_when_a_sample_is_loaded(tmp_path):
+    """Walking the stream (every reader does) reads headers and captions; an image's bytes are read by
+    ref.load() (only the reader owning the sample). Compressed shards are streamed and still work."""
+    import gzip
+    import shutil
+    import tarfile
+
+    from data_fixtures import caption_for
+
+    from lvlm.data.sources.tar_groups import LazyMember, iter_tar_groups
+    from lvlm.data.sources.webdataset_caption import WebDatasetCaptionSource
+
+    path = str(tmp_path / "train-000.tar")
+    write_shard(path, [caption_member(f"{i:04d}", i) for i in range(3)])
+    groups = list(iter_tar_groups(path, SkipCounter()))
+    assert isinstance(groups[1][1]["jpg"], LazyMember) and groups[1][1]["txt"] == caption_for(1).encode()
+    refs = list(WebDatasetCaptionSource(path).iter_refs(0, 0, SkipCounter()))
+    with tarfile.open(path) as tar:
+        member = tar.getmember("0001.jpg")
+    with open(path, "r+b") as f:                    # change the image bytes on disk after the walk
+        f.seek(member.offset_data)
+        f.write(b"\xff" * member.size)
+    assert refs[1].load().segments[0].data == b"\xff" * member.size        # read at load time
+    assert refs[0].load().segments[0].data == jpeg_bytes(0)
+    gz = str(tmp_path / "train-001.tar.gz")
+    with open(path, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    streamed = list(iter_tar_groups(gz, SkipCounter()))
+    assert [k for k, _ in streamed] == ["0000", "0001", "0002"] and isinstance(streamed[0][1]["jpg"], bytes)

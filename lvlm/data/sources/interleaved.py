@@ -39,7 +39,8 @@ from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.sources import SampleRef, check_choice
 from lvlm.data.sources.webdataset_caption import IMAGE_EXTENSIONS as CAPTION_IMAGE_EXTENSIONS
-from lvlm.data.sources.text import DocumentFileSource, file_key, iter_jsonl, iter_parquet_rows, iter_tar_groups
+from lvlm.data.sources.tar_groups import Value, iter_tar_groups, read_member
+from lvlm.data.sources.text import DocumentFileSource, file_key, iter_jsonl, iter_parquet_rows
 
 INTERLEAVED_FORMATS: tuple[str, ...] = ("webdataset", "mmc4", "obelics")
 IMAGE_POSITIONS: tuple[str, ...] = ("before", "after")
@@ -60,7 +61,14 @@ class _ImageFile:
     path: str
 
 
-Item = Union[TextSegment, ImageSegment, _Member, _ImageFile]
+@dataclass(frozen=True)
+class _Bytes:
+    """An image member of a tar group: bytes, or where to read them (``read_member``) at load time."""
+
+    value: Value
+
+
+Item = Union[TextSegment, ImageSegment, _Member, _ImageFile, _Bytes]
 
 
 def image_file_name(entry: str) -> str:
@@ -241,7 +249,7 @@ class InterleavedSource(DocumentFileSource):
                 if group is None or item.name not in group:
                     skips.add("missing_image")
                     return None
-                resolved.append(ImageSegment(group[item.name]))
+                resolved.append(_Bytes(group[item.name]))
             elif isinstance(item, _ImageFile) and not os.path.isfile(item.path):
                 skips.add("missing_image")
             else:
@@ -270,6 +278,8 @@ def _build_sample(items: list[Item], key: str, source: str, meta: dict) -> Sampl
             segments.append(TextSegment(item.text, role=item.role))
         elif isinstance(item, ImageSegment):
             segments.append(ImageSegment(item.data))
+        elif isinstance(item, _Bytes):
+            segments.append(ImageSegment(read_member(item.value)))
         elif isinstance(item, _ImageFile):
             with open(item.path, "rb") as f:
                 segments.append(ImageSegment(f.read()))

@@ -9,8 +9,9 @@ RNG per ``(seed, epoch)``, documents keeping their order inside a file) and the 
 ``iter_tar_groups``, ``iter_jsonl`` and ``iter_parquet_rows``.
 
 Assumes file patterns use the caption reader's syntax (brace patterns, '::' lists; see
-``expand_shards``). Tar shards may be remote (opened with webdataset's ``gopen``, streamed with
-``tarfile``); jsonl and parquet files must be local (pyarrow is imported only to read parquet).
+``expand_shards``). Tar shards are read by ``lvlm.data.sources.tar_groups`` (local ones without reading
+image bytes until a sample is loaded, remote ones streamed); jsonl and parquet files must be local (pyarrow
+is imported only to read parquet).
 Nothing is fatal at iteration time; problems are counted in the ``SkipCounter``: ``missing_file``
 (file absent), ``corrupt_shard`` (unreadable/truncated tar; the documents read before the damage
 are kept), ``corrupt_file`` (unreadable parquet; rows read before are kept), ``bad_document``
@@ -22,71 +23,21 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import tarfile
-import zlib
 from functools import partial
 from typing import Any, Iterator, Optional, Sequence
 
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
 
 from lvlm.data.sample import Sample, TextSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.sources import SampleRef, check_choice
+from lvlm.data.sources.tar_groups import iter_tar_groups, read_member  # noqa: F401  (shared readers)
 from lvlm.data.sources.webdataset_caption import _is_local, _local_path, expand_shards
 
 TEXT_FORMATS: tuple[str, ...] = ("jsonl", "webdataset", "parquet")
 
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
-_TAR_META = re.compile(r"__[^/]*__($|/)")
-"""Tar members webdataset treats as metadata (skipped)."""
 
 
 # ---------------------------------------------------------------------------- shared readers
-
-
-def iter_tar_groups(url: str, skips: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` for each run of consecutive members sharing a key (``base_plus_ext``
-    split, so ``doc.img0.jpg`` has key ``doc`` and ext ``img0.jpg``). A truncated/corrupt shard
-    counts ``corrupt_shard`` once; only the group being read when the damage hit is dropped (a group
-    is complete, and yielded, as soon as the header of a member with another key has been read)."""
-    path = _local_path(url)
-    if _is_local(path) and not os.path.isfile(path):
-        skips.add("missing_file")
-        return
-    try:
-        stream = gopen(path if _is_local(path) else url, "rb")
-    except OSError:
-        skips.add("missing_file")
-        return
-    key: Optional[str] = None
-    group: dict[str, bytes] = {}
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for info in tar:
-            if not info.isreg() or _TAR_META.match(info.name):
-                continue
-            prefix, suffix = base_plus_ext(info.name)
-            if prefix is None:
-                continue
-            if prefix != key:
-                if key is not None:
-                    yield key, group
-                key, group = prefix, {}
-            member = tar.extractfile(info)
-            data = member.read() if member is not None else b""
-            if len(data) != info.size:
-                raise tarfile.ReadError(f"member {info.name!r} is truncated")
-            group.setdefault(suffix, data)
-            tar.members = []  # streaming: do not keep every header in memory
-    except _TAR_ERRORS:
-        skips.add("corrupt_shard")
-        key = None
-    finally:
-        stream.close()
-    if key is not None:
-        yield key, group
 
 
 def iter_jsonl(path: str, skips: SkipCounter) -> Iterator[tuple[int, Any]]:

@@ -3,8 +3,9 @@
 Owns reading tar shards whose members are ``KEY.jpg`` (or ``.jpeg``/``.png``/``.webp``) next to
 ``KEY.txt`` and/or ``KEY.json``, and the deterministic order of one epoch: the shard list is
 permuted by an RNG seeded with ``(seed, epoch)``; members keep their order inside a shard.
-Tar reading uses ``webdataset`` (``gopen`` to open, ``tar_file_iterator`` to stream members);
-grouping is done here, per shard, so a damaged shard can never leak a half sample into the next.
+Tar reading is ``lvlm.data.sources.tar_groups``: members grouped by key per shard (a damaged shard
+never leaks a half sample into the next); for local plain tars image bytes are read only when the
+sample is loaded, so readers that skip a sample (other ranks and workers) never read its image.
 
 Nothing is fatal at iteration time; each problem is counted in the ``SkipCounter`` by reason:
 ``missing_shard`` (local file absent), ``corrupt_shard`` (unreadable/truncated tar; the samples
@@ -17,18 +18,17 @@ from __future__ import annotations
 import json
 import os
 import random
-import tarfile
-import zlib
 from functools import partial
 from typing import Iterator, Optional
 
 import braceexpand
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.sources import SampleRef
+from lvlm.data.sources.tar_groups import Value, iter_tar_groups, read_member
+from lvlm.data.sources.tar_groups import is_local as _is_local
+from lvlm.data.sources.tar_groups import local_path as _local_path
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """Image member suffixes, in order of preference when a key has several."""
@@ -42,14 +42,6 @@ def expand_shards(pattern: str) -> list[str]:
         if part:
             shards.extend(braceexpand.braceexpand(part))
     return shards
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
 
 
 class WebDatasetCaptionSource:
@@ -89,35 +81,9 @@ class WebDatasetCaptionSource:
     # ------------------------------------------------------------------------------ internals
 
     def _iter_shard(self, url: str, skips: SkipCounter) -> Iterator[SampleRef]:
-        path = _local_path(url)
-        if _is_local(path) and not os.path.isfile(path):
-            skips.add("missing_shard")
-            return
-        try:
-            stream = gopen(path if _is_local(path) else url, "rb")
-        except OSError:
-            skips.add("missing_shard")
-            return
-        group: Optional[dict] = None
-        try:
-            for member in tar_file_iterator(stream):
-                prefix, suffix = base_plus_ext(member["fname"])
-                if prefix is None:
-                    continue
-                if group is None or group["__key__"] != prefix:
-                    if group is not None:
-                        ref = self._make_ref(group, url, skips)
-                        if ref is not None:
-                            yield ref
-                    group = {"__key__": prefix}
-                group.setdefault(suffix.lower(), member["data"])
-        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
-            # Truncated or not a tar at all: keep what was read before, drop the partial group.
-            skips.add("corrupt_shard")
-            group = None
-        finally:
-            stream.close()
-        if group is not None:
+        for key, members in iter_tar_groups(url, skips, missing_reason="missing_shard"):
+            group = {ext.lower(): value for ext, value in reversed(list(members.items()))}  # first one wins
+            group["__key__"] = key
             ref = self._make_ref(group, url, skips)
             if ref is not None:
                 yield ref
@@ -162,9 +128,9 @@ class WebDatasetCaptionSource:
         return SampleRef(key=key, loader=partial(_build_sample, image, caption, key, self.name, url))
 
 
-def _build_sample(image: bytes, caption: str, key: str, source: str, url: str) -> Sample:
+def _build_sample(image: Value, caption: str, key: str, source: str, url: str) -> Sample:
     return Sample(
-        segments=[ImageSegment(image), TextSegment(caption, role="assistant")],
+        segments=[ImageSegment(read_member(image)), TextSegment(caption, role="assistant")],
         key=key,
         source=source,
         meta={"shard": url},
