@@ -22,7 +22,9 @@ def run_mir(cfg: Config, ckpt_dir: Path):
     from lvlm.models.build import build_lvlm
     from lvlm.train.checkpoint import load_trained_weights
 
-    model, transform, _ = build_lvlm(cfg.model)
+    with torch.random.fork_rng():  # as training seeds before building: frozen rows added for <image> match
+        torch.manual_seed(cfg.seed)
+        model, transform, _ = build_lvlm(cfg.model)
     load_trained_weights(model, ckpt_dir)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
