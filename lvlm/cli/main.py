@@ -1,4 +1,4 @@
-"""`lvlm` console script: dispatches to subcommands (train; later mir, data, ablate, export)."""
+"""`lvlm` console script: dispatches to subcommands (train, mir, data, export, info)."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +10,9 @@ commands:
   mir --checkpoint RUN_DIR_OR_CHECKPOINT [--mir.key value ...]   MIR of a trained checkpoint
   data convert --format FORMAT --input PATH --out DIR [...] | data verify DIR   convert data to tar shards / check them
   data inspect RECIPE.yaml [--samples N] [--json PATH]   counts, shares, lengths, padding waste, skips of a recipe
+  export hf RUN_DIR_OR_CHECKPOINT OUT_DIR   write a trained checkpoint as a transformers LlavaForConditionalGeneration
+  info [CONFIG.yaml] [--world-size N] [--dotted.key value ...]   versions, devices, DeepSpeed ops; with a config:
+                                            parameters and ZeRO memory per GPU
 
 `lvlm <command> --help` shows a command's options."""
 
@@ -48,7 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         from lvlm.cli.data import main as data_main
 
         return data_main(rest)
-    print(f"lvlm: unknown command {command!r}; valid commands: train, mir, data\n\n{USAGE}", file=sys.stderr)
+    if command == "export":
+        from lvlm.cli.export import main as export_main
+
+        return export_main(rest)
+    if command == "info":
+        from lvlm.cli.info import main as info_main
+
+        return info_main(rest)
+    print(f"lvlm: unknown command {command!r}; valid commands: train, mir, data, export, info\n\n{USAGE}",
+          file=sys.stderr)
     return 2
 
 

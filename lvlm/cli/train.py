@@ -56,4 +56,6 @@ def format_summary(s) -> str:
     lines.append(f"tokens        : {s.tokens:,} supervised in {s.seconds:.1f} s")
     if s.skipped:
         lines.append("skipped       : " + ", ".join(f"{k}={v}" for k, v in sorted(s.skipped.items())))
+    if s.preempted:
+        lines.append("preempted     : checkpoint saved; relaunch the same command to resume")
     return "\n".join(["", "== lvlm train summary ==", *lines])

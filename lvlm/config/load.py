@@ -6,6 +6,7 @@ valid choices, raised before any model, data or process group is touched.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import re
 import tempfile
@@ -205,6 +206,15 @@ def validate(cfg: Config) -> Config:
     _one_of("mir.cross", cfg.mir.cross, ("exact", "paper-fast"))
     _positive("mir.every", cfg.mir.every, allow_zero=True)
     _positive("mir.batch_size", cfg.mir.batch_size)
+    _one_of("resume", str(cfg.resume).lower(), ("auto", "true", "false"))
+    _one_of("track.wandb_mode", cfg.track.wandb_mode, ("online", "offline", "disabled"))
+    if cfg.track.wandb and not cfg.track.wandb_project:
+        raise ConfigError("track.wandb is true but track.wandb_project is empty; name a project "
+                          "(--track.wandb_project NAME)")
+    for flag, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(cfg.track, flag) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"track.{flag} is true but the {module} package is not installed; "
+                              "pip install 'lvlm[tracking]'")
     _one_of("data.mix_by", cfg.data.mix_by, ("samples", "tokens"))
     if not 0.0 < cfg.data.max_skip_fraction <= 1.0:
         raise ConfigError(f"data.max_skip_fraction must be in (0, 1] (1 = never fail), "

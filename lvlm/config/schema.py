@@ -288,17 +288,39 @@ class MIRConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Metrics sinks besides RUN_DIR/metrics.jsonl (always written). Nothing is hard-coded: no entity,
+    project or path unless given here."""
+
+    tensorboard: bool = False
+    """Write tensorboard event files to RUN_DIR/tensorboard (needs the [tracking] extra)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs the [tracking] extra); files go under RUN_DIR/wandb."""
+    wandb_project: str = ""
+    """W&B project (required when track.wandb is true)."""
+    wandb_entity: str = ""
+    """W&B entity (team or user); empty = your default entity."""
+    wandb_mode: str = "offline"
+    """online, offline (no network needed; `wandb sync` later) or disabled."""
+    run_name: str = ""
+    """Run name shown by the trackers (empty = the run_dir's name)."""
+
+
+@dataclass
 class Config:
     """One training run."""
 
     run_dir: str = "runs/toy-stage1"
     """Output directory: resolved config, environment, DeepSpeed JSON, metrics, checkpoints."""
     seed: int = 0
-    resume: bool = False
-    """Continue from the newest complete checkpoint in run_dir (if there is one)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in run_dir when there is one (so relaunching a
+    preempted run's command resumes it); true: the same, and say so when there is none; false: start
+    fresh even if run_dir holds checkpoints."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     mir: MIRConfig = field(default_factory=MIRConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -362,4 +363,17 @@ def build_train_loader(
     )
     if cfg.num_workers == 0:
         return dataset
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, worker_init_fn=_ignore_preemption)
+
+
+WORKER_GRACE_S = 120
+"""How long a data worker outlives a SIGTERM (see ``_ignore_preemption``)."""
+
+
+def _ignore_preemption(_worker_id: int) -> None:
+    """A scheduler signals the whole process group. A worker dying then would make PyTorch raise in the
+    training process mid-step, before it can checkpoint; so workers ignore SIGUSR1 and outlive SIGTERM by
+    ``WORKER_GRACE_S`` seconds (an alarm, whose default action ends them), while the training process
+    finishes its step, stops the loader and saves. They still end with it (daemonic, parent watchdog)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(signal.alarm(0) or WORKER_GRACE_S))

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from lvlm.config.schema import Config
 from lvlm.data.build import build_train_loader
 from lvlm.data.skips import merge_skip_counts
 from lvlm.models.build import build_lvlm
 from lvlm.models.lvlm import IGNORE_INDEX
-from lvlm.track import MetricsWriter
+from lvlm.track import Tracker
 from lvlm.train import checkpoint, engine as eng, stages
+from lvlm.train.preempt import PreemptionFlag
 from lvlm.train.rundir import write_run_record
 
 log = logging.getLogger("lvlm.train")
@@ -38,6 +40,7 @@ class Summary:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: str | None = None
+    preempted: bool = False
     skipped: dict = field(default_factory=dict)
     mir: list[tuple[int, float]] = field(default_factory=list)
     sources: dict = field(default_factory=dict)  # mixture source -> {"samples": n, "tokens": n}, all ranks
@@ -87,12 +90,12 @@ def train(cfg: Config) -> Summary:
     stages.set_train_modes(engine.module.module, plan)
 
     start_step, resumed_from = 0, None
-    if cfg.resume:
+    if str(cfg.resume).lower() != "false":
         state = checkpoint.load(engine, run_dir)
         if state is not None:
             start_step, resumed_from = int(state["step"]), state["tag"]
             log.info("resumed from %s at step %d", resumed_from, start_step)
-        else:
+        elif str(cfg.resume).lower() == "true":
             log.info("resume requested but no complete checkpoint in %s: starting fresh", run_dir / "checkpoints")
     if rank == 0:
         write_run_record(run_dir, cfg, world, resumed_from)
@@ -108,7 +111,9 @@ def train(cfg: Config) -> Summary:
     log.info("data: %s, %d image tokens per image, %d rank(s) x %d x %d samples per step",
              type(cfg.data.source).__name__, model.tokens_per_image, world, accum, cfg.train.micro_batch_size)
 
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank == 0)
+    from lvlm.config import dump_config
+
+    metrics = Tracker(run_dir, cfg.track, config=yaml.safe_load(dump_config(cfg)), enabled=rank == 0)
     summary = Summary(run_dir=str(run_dir), steps=cfg.train.max_steps, resumed_from=resumed_from)
     probe = None
     if cfg.mir.every:
@@ -139,64 +144,73 @@ def train(cfg: Config) -> Summary:
     t_start = time.perf_counter()
     per_worker: dict[int, dict] = {}  # cumulative skip counts of each of this rank's data workers
     workers = max(1, cfg.data.num_workers)
-    for step in range(start_step, cfg.train.max_steps):
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        (global_tokens,) = engine.all_reduce_sum([local_tokens])
-        scale = world * accum / max(global_tokens, 1.0)
-        loss_sum = 0.0
-        mix_counts = [0.0] * (2 * len(mix_names) + 2)  # per source: samples, tokens; then padded, positions
-        for batch in micro:
-            for j, name in enumerate(mix_names):
-                samples, tokens = batch["source_counts"].get(name, (0, 0))
-                mix_counts[2 * j] += samples
-                mix_counts[2 * j + 1] += tokens
-            positions = batch["input_ids"].numel()
-            mix_counts[-2] += positions - sum(batch["lengths"])
-            mix_counts[-1] += positions
-        for i, batch in enumerate(micro):
-            out = engine.forward(**_to_device(batch, engine.device))
-            engine.backward(out.loss_sum * scale)
-            if step == start_step and i == accum - 1:
-                stages.check_gradients(engine.module.module, plan, engine.full_grad)
-            engine.step()
-            loss_sum += float(out.loss_sum.detach())
-            per_worker[batch["batch_index"] % workers] = batch["skipped"]
-        (loss_total, *mix_counts) = engine.all_reduce_sum([loss_sum, *mix_counts])
-        step_sources = {name: {"samples": int(mix_counts[2 * j]), "tokens": int(mix_counts[2 * j + 1])}
-                        for j, name in enumerate(mix_names)}
-        for name, c in step_sources.items():
-            total = summary.sources.setdefault(name, {"samples": 0, "tokens": 0})
-            total["samples"] += c["samples"]
-            total["tokens"] += c["tokens"]
-        loss = loss_total / max(global_tokens, 1.0)
-        dt = time.perf_counter() - t0
-        summary.tokens += int(global_tokens)
-        summary.losses.append(loss)
-        if summary.first_loss is None:
-            summary.first_loss = loss
-        summary.last_loss = loss
-        skipped = merge_skip_counts(list(per_worker.values()))
-        record = {"step": step + 1, "loss": loss, "lr": engine.lr, "grad_norm": engine.grad_norm(),
-                  "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt,
-                  "skipped": skipped, "padding_waste": mix_counts[-2] / max(mix_counts[-1], 1.0)}
-        if len(mix_names) > 1:
-            record["sources"] = step_sources
-        metrics.write(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / dt:,.0f}", refresh=False)
-            bar.update(1)
-        if (step + 1) % cfg.train.log_every == 0 and rank == 0 and bar is None:
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.train.max_steps, loss, engine.lr,
-                     global_tokens / dt)
-        done = step + 1 == cfg.train.max_steps
-        if probe is not None and (done or (step + 1) % cfg.mir.every == 0):
-            measure_mir(step + 1)
-        if done or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
-            path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last)
-            log.info("checkpoint %s", path)
+    preempt = PreemptionFlag()
+    with preempt:
+        for step in range(start_step, cfg.train.max_steps):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            (global_tokens, stop) = engine.all_reduce_sum([local_tokens, float(preempt.requested)])
+            scale = world * accum / max(global_tokens, 1.0)
+            loss_sum = 0.0
+            mix_counts = [0.0] * (2 * len(mix_names) + 2)  # per source: samples, tokens; then padded, positions
+            for batch in micro:
+                for j, name in enumerate(mix_names):
+                    samples, tokens = batch["source_counts"].get(name, (0, 0))
+                    mix_counts[2 * j] += samples
+                    mix_counts[2 * j + 1] += tokens
+                positions = batch["input_ids"].numel()
+                mix_counts[-2] += positions - sum(batch["lengths"])
+                mix_counts[-1] += positions
+            for i, batch in enumerate(micro):
+                out = engine.forward(**_to_device(batch, engine.device))
+                engine.backward(out.loss_sum * scale)
+                if step == start_step and i == accum - 1:
+                    stages.check_gradients(engine.module.module, plan, engine.full_grad)
+                engine.step()
+                loss_sum += float(out.loss_sum.detach())
+                per_worker[batch["batch_index"] % workers] = batch["skipped"]
+            (loss_total, *mix_counts) = engine.all_reduce_sum([loss_sum, *mix_counts])
+            step_sources = {name: {"samples": int(mix_counts[2 * j]), "tokens": int(mix_counts[2 * j + 1])}
+                            for j, name in enumerate(mix_names)}
+            for name, c in step_sources.items():
+                total = summary.sources.setdefault(name, {"samples": 0, "tokens": 0})
+                total["samples"] += c["samples"]
+                total["tokens"] += c["tokens"]
+            loss = loss_total / max(global_tokens, 1.0)
+            dt = time.perf_counter() - t0
+            summary.tokens += int(global_tokens)
+            summary.losses.append(loss)
+            if summary.first_loss is None:
+                summary.first_loss = loss
+            summary.last_loss = loss
+            skipped = merge_skip_counts(list(per_worker.values()))
+            record = {"step": step + 1, "loss": loss, "lr": engine.lr, "grad_norm": engine.grad_norm(),
+                      "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt,
+                      "skipped": skipped, "padding_waste": mix_counts[-2] / max(mix_counts[-1], 1.0)}
+            if len(mix_names) > 1:
+                record["sources"] = step_sources
+            metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / dt:,.0f}", refresh=False)
+                bar.update(1)
+            if (step + 1) % cfg.train.log_every == 0 and rank == 0 and bar is None:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.train.max_steps, loss, engine.lr,
+                         global_tokens / dt)
+            done = step + 1 == cfg.train.max_steps
+            if probe is not None and (done or (step + 1) % cfg.mir.every == 0):
+                measure_mir(step + 1)
+            if stop > 0 and not done:
+                batches = None  # stop the data workers first: from here their exit is no longer an error
+            if done or stop > 0 or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
+                path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last)
+                log.info("checkpoint %s", path)
+            if stop > 0 and not done:
+                summary.preempted = True
+                log.info("preemption signal (%s): checkpoint at step %d saved; exiting. Relaunch the same command "
+                         "to resume.", preempt.signal_name or "on another rank", step + 1)
+                break
     if bar is not None:
         bar.close()
     summary.seconds = time.perf_counter() - t_start
@@ -206,7 +220,8 @@ def train(cfg: Config) -> Summary:
         log.info("skipped samples (all ranks): %s", ", ".join(f"{k}={v}" for k, v in skipped.items()))
     metrics.write({"kind": "summary", "first_loss": summary.first_loss, "last_loss": summary.last_loss,
                    "loss_drop": summary.loss_drop, "tokens": summary.tokens, "seconds": summary.seconds,
-                   "skipped": skipped, "resumed_from": resumed_from, "sources": summary.sources})
+                   "skipped": skipped, "resumed_from": resumed_from, "sources": summary.sources,
+                   "preempted": summary.preempted})
     if rank == 0 and summary.sources:
         log.info("samples / tokens per source (this run): %s", ", ".join(
             f"{k}={v['samples']}/{v['tokens']}" for k, v in summary.sources.items()))

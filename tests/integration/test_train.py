@@ -33,7 +33,8 @@ def assert_falls(loss: dict[int, float], min_drop: float) -> None:
 
 def test_single_process_end_to_end(tiny, tmp_path):
     run = tmp_path / "run"
-    proc = run_train(tiny, run, [*LEARN, "--train.max_steps", "16", "--train.save_every", "8"])
+    proc = run_train(tiny, run, [*LEARN, "--train.max_steps", "16", "--train.save_every", "8",
+                                 "--track.tensorboard", "true"])
     assert "lvlm train summary" in proc.stdout
     loss = losses(run)
     assert sorted(loss) == list(range(1, 17))
@@ -47,6 +48,13 @@ def test_single_process_end_to_end(tiny, tmp_path):
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["zero_optimization"]["stage"] == 0
     assert (run / "checkpoints" / "step_00000016" / COMPLETE).is_file()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000016"
+    # tensorboard got the same losses as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tb_loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert tb_loss.keys() == loss.keys() and all(abs(tb_loss[k] - loss[k]) < 1e-5 for k in loss)
 
 
 def test_connector_only_stage_trains_only_the_connector(tiny, tmp_path):
@@ -253,3 +261,32 @@ def test_text_only_rank_next_to_image_rank_does_not_hang_zero3(tiny, tmp_path):
               launcher="torchrun", nproc=2, timeout=300)
     summary = next(r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "summary")
     assert {k: v["samples"] for k, v in summary["sources"].items()} == {"cap": 3, "txt": 3}
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_same_command_resumes(tiny, tmp_path):
+    """SIGTERM mid-run: the step in progress finishes, a checkpoint is saved, the process exits 0; the very
+    same command (resume: auto) continues from it and ends with the uninterrupted run's losses."""
+    extra = [*LEARN, "--train.max_steps", "12", "--train.save_every", "0", "--data.num_workers", "2"]
+    ref = tmp_path / "ref"
+    run_train(tiny, ref, extra)
+    run = tmp_path / "preempted"
+    cmd = train_cmd(tiny, run, extra)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+        assert proc.poll() is None and time.time() < deadline, "run ended or hung before step 3"
+        time.sleep(0.05)
+    import os
+
+    os.killpg(proc.pid, signal.SIGTERM)          # the whole group, data-loader workers included, as schedulers do
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption signal (SIGTERM)" in out and "relaunch the same command" in out
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step_*") if (p / COMPLETE).is_file())
+    assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 12
+    resumed = run_train(tiny, run, extra)        # the same command, no --resume flag
+    assert f"resumed from {saved[0]}" in resumed.stdout + resumed.stderr
+    assert losses(run) == losses(ref)            # bit for bit, as the kill-and-resume test
