@@ -31,10 +31,8 @@ Assumes the data reads identically in every process (same files, same validity).
 """
 from __future__ import annotations
 
-import itertools
-import random
 import signal
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -44,66 +42,14 @@ from lvlm.data.mixture import Mixture, mix
 from lvlm.data.packing import RowFiller, packed_collate
 from lvlm.data.skips import PARTITIONED_REASONS, SkipCounter
 from lvlm.data.sources import CaptionSource, SampleRef, build_source
+from lvlm.data.stream import EmptySourceError, PrefixedSkips, global_stream  # noqa: F401 (re-exported)
 from lvlm.data.tokenize import SampleTokenizer
-
-T = TypeVar("T")
-
 
 MIN_SEEN_FOR_SKIP_CHECK = 200
 
 
-class EmptySourceError(RuntimeError):
-    """A whole epoch of the source produced no valid sample (the loader would loop forever)."""
-
-
 class TooManySkipsError(RuntimeError):
     """More than data.max_skip_fraction of the samples read were bad."""
-
-
-class PrefixedSkips(SkipCounter):
-    """A view of a ``SkipCounter`` that files every reason under ``prefix/``."""
-
-    def __init__(self, target: SkipCounter, prefix: str) -> None:
-        super().__init__()
-        self.target, self.prefix = target, prefix
-
-    def add(self, reason: str, n: int = 1) -> None:
-        self.target.add(f"{self.prefix}/{reason}", n)
-
-
-def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
-    """A streaming shuffle buffer of ``size`` items (0 or 1 = unchanged order)."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[T] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buffer[j]
-        buffer[j] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def global_stream(
-    source: CaptionSource, *, seed: int, shuffle_buffer: int, skips: SkipCounter, tag: str = ""
-) -> Iterator[SampleRef]:
-    """The infinite stream of one source's sample refs (see the module docstring); ``tag`` (a mixture
-    source name) gives each mixed source its own shuffle seed."""
-    for epoch in itertools.count():
-        rng = random.Random(f"lvlm.shuffle_buffer/{seed}/{epoch}" + (f"/{tag}" if tag else ""))
-        count = 0
-        for ref in shuffled(source.iter_refs(seed, epoch, skips), shuffle_buffer, rng):
-            count += 1
-            yield ref
-        if count == 0:
-            raise EmptySourceError(
-                f"data source {source.name!r} yielded no valid sample in epoch {epoch}; "
-                f"skipped so far: {skips.as_dict()}"
-            )
 
 
 class TrainBatches(IterableDataset):
