@@ -77,6 +77,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
     _check_choice_overrides(overrides)
+    given = path
     path, overrides = _apply_mixture_overrides(path, overrides)
     try:
         args = _with_choice_types(path, list(overrides))
@@ -85,6 +86,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"bad command-line override(s) {' '.join(overrides)}: see `lvlm train --help`") from e
     except Exception as e:  # draccus.utils.DecodingError and friends
         raise ConfigError(_explain(e)) from e
+    finally:
+        if path is not None and path != given:  # the temporary YAML holding mixture overrides
+            Path(path).unlink(missing_ok=True)
     validate(cfg)
     return cfg
 

@@ -44,6 +44,51 @@ def _transform(image: Image.Image, transform: ImageTransform, image_size: int, k
     return pixels
 
 
+def check_batch_args(pad_token_id: int, image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+        raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r}")
+
+
+def decode_samples(samples: list[TokenizedSample], skips: Optional[SkipCounter]
+                   ) -> list[tuple[TokenizedSample, list[Image.Image]]]:
+    """(sample, its decoded images) for every sample whose images all decode; the others are counted
+    as ``corrupt_image`` and dropped."""
+    kept = []
+    for sample in samples:
+        decoded = _decode_all(sample)
+        if decoded is None:
+            if skips is not None:
+                skips.add("corrupt_image")
+            continue
+        kept.append((sample, decoded))
+    return kept
+
+
+def dummy_batch(pad_token_id: int, image_size: int) -> dict[str, Any]:
+    """One ``[pad]`` token, attention 1, no label, no image: every rank still runs a forward pass."""
+    return {
+        "input_ids": torch.full((1, 1), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.ones((1, 1), dtype=torch.long),
+        "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+        "pixel_values": torch.zeros((0, 3, image_size, image_size), dtype=torch.float32),
+        "num_samples": 0,
+        "num_supervised_tokens": 0,
+        "keys": [],
+        "sources": [],
+        "lengths": [],
+        "padding_waste": 1.0,
+    }
+
+
+def stack_pixels(pixels: list[torch.Tensor], image_size: int) -> torch.Tensor:
+    """[N_images, 3, H, W] float32 (``[0, 3, H, W]`` when there is none)."""
+    if pixels:
+        return torch.stack(pixels).to(torch.float32)
+    return torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
+
+
 def collate(
     samples: list[TokenizedSample],
     image_transform: ImageTransform,
@@ -52,33 +97,10 @@ def collate(
     skips: Optional[SkipCounter] = None,
 ) -> dict[str, Any]:
     """Build a batch (see the module docstring for the keys)."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
-        raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r}")
-
-    kept: list[tuple[TokenizedSample, list[Image.Image]]] = []
-    for sample in samples:
-        decoded = _decode_all(sample)
-        if decoded is None:
-            if skips is not None:
-                skips.add("corrupt_image")
-            continue
-        kept.append((sample, decoded))
-
+    check_batch_args(pad_token_id, image_size)
+    kept = decode_samples(samples, skips)
     if not kept:
-        return {
-            "input_ids": torch.full((1, 1), pad_token_id, dtype=torch.long),
-            "attention_mask": torch.ones((1, 1), dtype=torch.long),
-            "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
-            "pixel_values": torch.zeros((0, 3, image_size, image_size), dtype=torch.float32),
-            "num_samples": 0,
-            "num_supervised_tokens": 0,
-            "keys": [],
-            "sources": [],
-            "lengths": [],
-            "padding_waste": 1.0,
-        }
+        return dummy_batch(pad_token_id, image_size)
 
     length = max(len(sample.input_ids) for sample, _ in kept)
     batch_size = len(kept)
@@ -95,10 +117,7 @@ def collate(
         labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
         pixels.extend(_transform(image, image_transform, image_size, sample.key) for image in images)
 
-    if pixels:
-        pixel_values = torch.stack(pixels).to(torch.float32)
-    else:
-        pixel_values = torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
+    pixel_values = stack_pixels(pixels, image_size)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-from PIL import Image
 
-from lvlm.data.collate import ImageTransform, _decode_all, _transform
+from lvlm.data.collate import (ImageTransform, _transform, check_batch_args, decode_samples, dummy_batch,
+                               stack_pixels)
 from lvlm.data.sample import ImageSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.tokenize import IGNORE_INDEX, TokenizedSample
@@ -122,22 +122,9 @@ def padding_waste(row_lengths: Sequence[int], padded_length: int) -> float:
 
 
 def _dummy_batch(pad_token_id: int, image_size: int) -> dict[str, Any]:
-    """Same dummy as ``collate``: one ``[pad]`` token, attention 1, no label, no image."""
-    return {
-        "input_ids": torch.full((1, 1), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.ones((1, 1), dtype=torch.long),
-        "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
-        "pixel_values": torch.zeros((0, 3, image_size, image_size), dtype=torch.float32),
-        "position_ids": torch.zeros((1, 1), dtype=torch.long),
-        "sequence_ids": torch.zeros((1, 1), dtype=torch.long),
-        "padding_waste": 1.0,  # the one position holds no real token
-        "num_rows": 1,
-        "num_samples": 0,
-        "num_supervised_tokens": 0,
-        "keys": [],
-        "sources": [],
-        "lengths": [],
-    }
+    """``collate``'s dummy plus the packing keys."""
+    return {**dummy_batch(pad_token_id, image_size), "position_ids": torch.zeros((1, 1), dtype=torch.long),
+            "sequence_ids": torch.zeros((1, 1), dtype=torch.long), "num_rows": 1}
 
 
 def packed_collate(
@@ -154,23 +141,12 @@ def packed_collate(
 
     Rows are padded to the longest row, or to ``max_length`` with ``pad_to_max_length`` (fixed shapes).
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
-        raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r}")
-
-    kept: list[TokenizedSample] = []
-    decoded: list[list[Image.Image]] = []  # aligned with kept
-    for sample in samples:
-        images = _decode_all(sample)
-        if images is None:
-            if skips is not None:
-                skips.add("corrupt_image")
-            continue
-        kept.append(sample)
-        decoded.append(images)
-    if not kept:
+    check_batch_args(pad_token_id, image_size)
+    pairs = decode_samples(samples, skips)
+    if not pairs:
         return _dummy_batch(pad_token_id, image_size)
+    kept = [sample for sample, _ in pairs]
+    decoded = [images for _, images in pairs]  # aligned with kept
 
     rows = pack(kept, max_length, order)
     length = max_length if pad_to_max_length else max(len(row) for row in rows)
@@ -198,10 +174,7 @@ def packed_collate(
         sources.extend(kept[i].source for i in row.indices)
         lengths.extend(len(kept[i].input_ids) for i in row.indices)
 
-    if pixels:
-        pixel_values = torch.stack(pixels).to(torch.float32)
-    else:
-        pixel_values = torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
+    pixel_values = stack_pixels(pixels, image_size)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
