@@ -134,6 +134,9 @@ class LLaVAJsonSourceConfig(SourceConfig):
 
     json_path: str = ""
     image_folder: str = ""
+    format: str = "plain"
+    """plain: LLaVA stage-1 captions (gpt turns only, no prompt); chat: the whole conversation in the LLM's
+    chat template, loss on the assistant turns only (SFT)."""
 
 
 @SourceConfig.register_subclass("interleaved")
@@ -193,6 +196,9 @@ class DataConfig:
     """Fail the run when more than this fraction of the samples read so far was skipped (1 = never)."""
     max_length: int = 128
     """Maximum sequence length in tokens, image tokens included; text is cut, images never are."""
+    system_prompt: str = ""
+    """System prompt of conversation samples (those with user turns). With a chat template: a system message
+    (empty = the template's own default); without one, the LLaVA v1 prefix (empty = LLaVA's)."""
     shuffle_buffer: int = 256
     """Seeded sample shuffle buffer (0 = stream order)."""
     num_workers: int = 1

@@ -290,6 +290,7 @@ def build_train_loader(
         max_length=cfg.max_length,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
+        system_prompt=cfg.system_prompt,
     )
     dataset = TrainBatches(
         build_sources(cfg, resolve_path),

@@ -163,7 +163,8 @@ def inspect_data(
     sources = build_sources(cfg, resolve_path)
     tokenizer = SampleTokenizer(spec.tokenizer, image_token_id=spec.image_token_id,
                                 tokens_per_image=spec.tokens_per_image, max_length=cfg.max_length,
-                                bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id)
+                                bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id,
+                                system_prompt=cfg.system_prompt)
     stream = TrainBatches(sources, tokenizer, image_transform=_stand_in_pixels, image_size=1,
                           pad_token_id=spec.pad_token_id, shuffle_buffer=cfg.shuffle_buffer,
                           micro_batch_size=micro_batch_size, rank=0, world_size=1, seed=seed, mix_by=cfg.mix_by,

@@ -19,6 +19,9 @@ class TextSegment:
     text: str
     role: str = "assistant"
     """assistant (supervised), user or system (context only)."""
+    ends_turn: bool = False
+    """The text already ends with its turn's end-of-turn marker (a chat template's ``</s>``,
+    ``<|im_end|>`` ...), so the tokenizer adds no EOS after it."""
 
     @property
     def supervised(self) -> bool:

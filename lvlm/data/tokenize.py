@@ -11,6 +11,9 @@ token and how many LLM tokens one image becomes, a ``Sample`` becomes::
                       when the assistant turn ends there (next text is user/system, or the end):
                       one EOS per chat turn, one per interleaved document
 
+A conversation (a sample with a ``user`` turn) is first laid out by ``lvlm.data.chat.render_chat``: the
+tokenizer's chat template (LLaVA v1 without one), labels on assistant content and its end-of-turn text.
+
 Labels are aligned with ``input_ids`` (no shift; the model shifts, as transformers does).
 Truncation to ``max_length`` cuts text only: if an image span would cross ``max_length``, that
 image and everything after it are dropped. A sample that had images but keeps none is dropped
@@ -23,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from lvlm.data.chat import is_chat, render_chat
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
 
@@ -71,6 +75,7 @@ class SampleTokenizer:
         max_length: int,
         bos_token_id: Optional[int],
         eos_token_id: Optional[int],
+        system_prompt: str = "",
     ) -> None:
         _check_int("image_token_id", image_token_id, 0)
         _check_int("tokens_per_image", tokens_per_image, 1)
@@ -86,6 +91,7 @@ class SampleTokenizer:
         self.max_length = max_length
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.system_prompt = system_prompt
 
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -98,8 +104,11 @@ class SampleTokenizer:
         if self.bos_token_id is not None:
             ids.append(self.bos_token_id)
             labels.append(IGNORE_INDEX)
-        ends_turn = _turn_ends(sample.segments)
-        for segment, end in zip(sample.segments, ends_turn):
+        segments = sample.segments
+        if is_chat(segments):
+            segments = render_chat(segments, self.tokenizer, self.system_prompt)
+        ends_turn = _turn_ends(segments)
+        for segment, end in zip(segments, ends_turn):
             room = self.max_length - len(ids)
             if room <= 0:
                 break
@@ -112,7 +121,7 @@ class SampleTokenizer:
             elif isinstance(segment, TextSegment):
                 text_ids = self.encode_text(segment.text)
                 if segment.supervised:
-                    if self.eos_token_id is not None and end:
+                    if self.eos_token_id is not None and end and not segment.ends_turn:
                         text_ids.append(self.eos_token_id)
                     text_labels = list(text_ids)
                 else:

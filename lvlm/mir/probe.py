@@ -1,8 +1,8 @@
 """The MIR probe set: N images paired with unrelated texts, formatted as the paper does, tokenized.
 
 Owns: seeded selection of images (webdataset shards) and texts (jsonl ``text`` field) and their
-pairing, the selection hash, the chat formatting (the tokenizer's chat template when it has one,
-else LLaVA v1: ``<system> USER: <image>\\n ASSISTANT: {text}</s>``), and the per-sample masks of
+pairing, the selection hash, the chat formatting (``lvlm.data.chat``: the tokenizer's chat template when it
+has one, else LLaVA v1: ``<system> USER: <image>\\n ASSISTANT: {text}</s>``), and the per-sample masks of
 which positions are vision rows (image tokens) and text rows (every position after the image
 span; the prefix before the image belongs to neither). Knows nothing of models beyond the
 tokenizer and the token ids/counts it is handed.
@@ -23,8 +23,6 @@ from lvlm.data.skips import SkipCounter
 from lvlm.data.sources.webdataset_caption import WebDatasetCaptionSource
 from lvlm.data.tokenize import SampleTokenizer
 
-_MARK = "\x00LVLM_IMAGE\x00"
-
 
 @dataclass
 class ProbeSet:
@@ -33,16 +31,6 @@ class ProbeSet:
     digest: str
     """sha256 of the selected image keys and text indices, in pairing order."""
     num_samples: int
-
-
-def chat_parts(tokenizer, text: str, system_prompt: str) -> tuple[str, str]:
-    """(text before the image, text after it) in the model's chat format."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": f"{_MARK}\n"}, {"role": "assistant", "content": text}]
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-        before, _, after = rendered.partition(_MARK)
-        return before, after
-    return f"{system_prompt} USER: ", f"\n ASSISTANT: {text}"
 
 
 def _read_texts(path: str) -> list[str]:
@@ -68,13 +56,15 @@ def build_probe(cfg: MIRConfig, *, tokenizer, image_transform, image_size: int, 
     chosen = rng.sample(range(len(refs)), cfg.num_samples)
     text_ids = rng.sample(range(len(texts)), cfg.num_samples)
     digest = hashlib.sha256(json.dumps([[refs[i].key for i in chosen], text_ids]).encode()).hexdigest()
+    system = "" if getattr(tokenizer, "chat_template", None) else cfg.system_prompt  # a template has its own
     tok = SampleTokenizer(tokenizer, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
-                          max_length=cfg.max_length, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+                          max_length=cfg.max_length, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                          system_prompt=system)
     samples = []
     for i, j in zip(chosen, text_ids):
         image = next(s for s in refs[i].load().segments if isinstance(s, ImageSegment))
-        before, after = chat_parts(tokenizer, texts[j], cfg.system_prompt)
-        sample = Sample([TextSegment(before, role="user"), image, TextSegment(after, role="assistant")],
+        # one user turn holding only the image, the unrelated text as the assistant turn (render_chat)
+        sample = Sample([image, TextSegment("", role="user"), TextSegment(texts[j], role="assistant")],
                         key=refs[i].key, source="mir_probe")
         tokenized = tok(sample)
         if tokenized is None:

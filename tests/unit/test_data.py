@@ -21,6 +21,7 @@ from data_fixtures import (
 )
 from lvlm.config.schema import DataConfig, LLaVAJsonSourceConfig, WebDatasetSourceConfig
 from lvlm.data.build import EmptySourceError, build_train_loader
+from lvlm.data.chat import LLAVA_SYSTEM
 from lvlm.data.collate import collate
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
@@ -94,11 +95,14 @@ def test_label_masking_layout(tok):
     sample = Sample([ImageSegment(jpeg_bytes(0)), TextSegment("describe the image", role="user"),
                      TextSegment("a red cat", role="assistant")], key="k")
     out = st(sample)
-    user = tok("describe the image", add_special_tokens=False)["input_ids"]
+    # a conversation (it has a user turn) is laid out by lvlm.data.chat; this tokenizer has no chat
+    # template, so LLaVA v1: "{system} USER: <image>\n{user} ASSISTANT: {answer}</s>"
+    system = tok(f"{LLAVA_SYSTEM} USER: ", add_special_tokens=False)["input_ids"]
+    user = tok("\ndescribe the image ASSISTANT: ", add_special_tokens=False)["input_ids"]
     cap = tok("a red cat", add_special_tokens=False)["input_ids"]
     img = [ids["image_token_id"]] * TPI
-    assert out.input_ids == [ids["bos_token_id"], *img, *user, *cap, ids["eos_token_id"]]
-    assert out.labels == [IGNORE_INDEX] * (1 + TPI + len(user)) + cap + [ids["eos_token_id"]]
+    assert out.input_ids == [ids["bos_token_id"], *system, *img, *user, *cap, ids["eos_token_id"]]
+    assert out.labels == [IGNORE_INDEX] * (1 + len(system) + TPI + len(user)) + cap + [ids["eos_token_id"]]
     assert out.input_ids.count(ids["image_token_id"]) == TPI and len(out.images) == 1
     # a literal <image> in a caption never creates a stray placeholder
     stray = st(Sample([ImageSegment(b"x"), TextSegment("<image> a cat")]))

@@ -96,9 +96,9 @@ def build_source(
     if isinstance(cfg, LLaVAJsonSourceConfig):
         from lvlm.data.sources.llava_json import LLaVAJsonSource
 
-        return LLaVAJsonSource(
-            resolve(cfg.json_path), resolve(cfg.image_folder), drop_prompt=True, name=name or "llava_json"
-        )
+        check_choice("format", cfg.format, ("plain", "chat"), "a llava_json")
+        return LLaVAJsonSource(resolve(cfg.json_path), resolve(cfg.image_folder), drop_prompt=cfg.format == "plain",
+                               name=name or "llava_json")
     if isinstance(cfg, InterleavedSourceConfig):
         from lvlm.data.sources.interleaved import IMAGE_POSITIONS, INTERLEAVED_FORMATS, InterleavedSource
 
