@@ -5,6 +5,8 @@ Owns: the dataclass schema (``schema.py``), YAML + dotted CLI loading and valida
 """
 from lvlm.config.load import ConfigError, dump_config, load_config, validate
 from lvlm.config.schema import (
+    AvgPoolConnectorConfig,
+    CAbstractorConnectorConfig,
     Config,
     ConnectorConfig,
     DataConfig,
@@ -16,14 +18,19 @@ from lvlm.config.schema import (
     ModelConfig,
     OpenCLIPVisionConfig,
     OptimConfig,
+    QFormerConnectorConfig,
+    ResamplerConnectorConfig,
     SourceConfig,
     StageConfig,
+    TokenMergeConnectorConfig,
     TrainConfig,
     VisionConfig,
     WebDatasetSourceConfig,
 )
 
 __all__ = [
+    "AvgPoolConnectorConfig", "CAbstractorConnectorConfig", "QFormerConnectorConfig", "ResamplerConnectorConfig",
+    "TokenMergeConnectorConfig",
     "Config", "ConfigError", "ConnectorConfig", "DataConfig", "HFVisionConfig", "LLaVAJsonSourceConfig",
     "LLMConfig", "LinearConnectorConfig", "MLPConnectorConfig", "ModelConfig", "OpenCLIPVisionConfig",
     "OptimConfig", "SourceConfig", "StageConfig", "TrainConfig", "VisionConfig", "WebDatasetSourceConfig",

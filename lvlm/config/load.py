@@ -17,10 +17,15 @@ import draccus
 import yaml
 
 from lvlm.config.schema import (
+    AvgPoolConnectorConfig,
+    CAbstractorConnectorConfig,
     Config,
     ConnectorConfig,
     MixtureComponent,
     MLPConnectorConfig,
+    QFormerConnectorConfig,
+    ResamplerConnectorConfig,
+    TokenMergeConnectorConfig,
     SourceConfig,
     VisionConfig,
 )
@@ -79,6 +84,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     _check_choice_overrides(overrides)
     given = path
     path, overrides = _apply_mixture_overrides(path, overrides)
+    path = _apply_type_switches(path, overrides, given)
     try:
         args = _with_choice_types(path, list(overrides))
         cfg = draccus.parse(Config, config_path=str(path) if path else None, args=args)
@@ -131,6 +137,54 @@ def _apply_mixture_overrides(path, overrides: Sequence[str]) -> tuple[str | Path
     return tmp.name, rest
 
 
+def _apply_type_switches(path, overrides: Sequence[str], given) -> str | Path | None:
+    """``--model.connector.type qformer`` over a YAML that sets an ``mlp`` connector's fields: the YAML's
+    node for that choice is replaced by ``{type: qformer}`` (the old type's fields would be unknown keys),
+    so a command line or an ablation cell can switch any choice. Writes a temporary YAML when needed."""
+    if path is None:
+        return path
+    args = list(overrides)
+    switches = {}
+    for i, a in enumerate(args):
+        key, _, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if not value and i + 1 < len(args):
+            value = args[i + 1]
+        for choice in _CHOICE_CLASSES:
+            if key == f"{choice}.type":
+                switches[choice] = value
+    if not switches:
+        return path
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    changed = False
+    for choice, new_type in switches.items():
+        *parents, leaf = choice.split(".")
+        node = doc
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(leaf), dict):
+            continue
+        current = node[leaf].get("type") or _default_choice(choice)
+        if current != new_type:
+            node[leaf] = {"type": new_type}
+            changed = True
+    if not changed:
+        return path
+    if path != given:  # already a temporary file of ours (mixture overrides): rewrite it in place
+        Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lvlm-config-", delete=False)
+    with tmp:
+        yaml.safe_dump(doc, tmp, sort_keys=False)
+    return tmp.name
+
+
+def _default_choice(choice: str) -> str:
+    obj = Config()
+    for part in choice.split("."):
+        obj = getattr(obj, part)
+    return obj.get_choice_name(type(obj))
+
+
 def _check_choice_overrides(overrides: Sequence[str]) -> None:
     """Give invalid ``--x.type`` choices and unknown flags our message rather than argparse's."""
     args = list(overrides)
@@ -170,6 +224,32 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_connector(c: ConnectorConfig) -> None:
+    """Connector values checkable without the encoder (the patch grid and vision width come at build time)."""
+    if isinstance(c, (MLPConnectorConfig, AvgPoolConnectorConfig, TokenMergeConnectorConfig)):
+        _positive("model.connector.depth", c.depth)
+        _one_of("model.connector.activation", c.activation, ("gelu", "relu", "silu", "tanh"))
+    if isinstance(c, (AvgPoolConnectorConfig, CAbstractorConnectorConfig)):
+        side = int(round(max(c.tokens, 0) ** 0.5))
+        if c.tokens < 1 or side * side != c.tokens:
+            raise ConfigError(f"model.connector.tokens must be a perfect square > 0 for model.connector.type "
+                              f"{ConnectorConfig.get_choice_name(type(c))} (e.g. 16, 36, 64, 144, 256), got {c.tokens}")
+    if isinstance(c, TokenMergeConnectorConfig):
+        _positive("model.connector.kernel", c.kernel)
+    if isinstance(c, CAbstractorConnectorConfig):
+        _positive("model.connector.num_blocks", c.num_blocks)
+        _positive("model.connector.hidden_size", c.hidden_size, allow_zero=True)
+    if isinstance(c, (ResamplerConnectorConfig, QFormerConnectorConfig)):
+        _positive("model.connector.tokens", c.tokens)
+        _positive("model.connector.layers", c.layers)
+        _positive("model.connector.heads", c.heads)
+        _positive("model.connector.hidden_size", c.hidden_size, allow_zero=isinstance(c, ResamplerConnectorConfig))
+        if c.hidden_size and c.hidden_size % c.heads:
+            divisors = [d for d in range(1, c.hidden_size + 1) if c.hidden_size % d == 0]
+            raise ConfigError(f"model.connector.heads {c.heads} does not divide model.connector.hidden_size "
+                              f"{c.hidden_size}; valid heads: {', '.join(map(str, divisors))}")
+
+
 def validate(cfg: Config) -> Config:
     """Check values that types alone cannot; raise ``ConfigError`` naming the key and choices."""
     llm = cfg.model.llm
@@ -184,9 +264,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.vision.arch is empty: give an open_clip architecture or model-config JSON")
     if vision.image_size is not None:
         _positive("model.vision.image_size", vision.image_size)
-    if isinstance(cfg.model.connector, MLPConnectorConfig):
-        _positive("model.connector.depth", cfg.model.connector.depth)
-        _one_of("model.connector.activation", cfg.model.connector.activation, ("gelu", "relu", "silu", "tanh"))
+    _check_connector(cfg.model.connector)
     _positive("data.max_length", cfg.data.max_length)
     _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
     _positive("data.shuffle_buffer", cfg.data.shuffle_buffer, allow_zero=True)
@@ -226,17 +304,49 @@ def validate(cfg: Config) -> Config:
     for name, comp in cfg.data.mixture.items():
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
             raise ConfigError(f"mixture source name {name!r} must be letters, digits, '_' or '-'")
-        if not (comp.weight > 0 and comp.weight != float("inf")):
-            raise ConfigError(f"data.mixture.{name}.weight must be a finite number > 0, got {comp.weight}")
+        if not (comp.weight >= 0 and comp.weight != float("inf")):
+            raise ConfigError(f"data.mixture.{name}.weight must be a finite number >= 0 (0 = left out), "
+                              f"got {comp.weight}")
+    if cfg.data.mixture and not any(c.weight > 0 for c in cfg.data.mixture.values()):
+        raise ConfigError("every data.mixture weight is 0: nothing to read; give at least one source a weight > 0")
     _positive("mir.layers_per_pass", cfg.mir.layers_per_pass, allow_zero=True)
     if not cfg.mir.memory_gb > 0:
         raise ConfigError(f"mir.memory_gb must be > 0 (GiB for pooled probe rows), got {cfg.mir.memory_gb}")
     if cfg.mir.num_samples < 2:
         raise ConfigError(f"mir.num_samples must be >= 2 (covariances need two rows), got {cfg.mir.num_samples}")
-    s = cfg.stage
-    if not (s.train_vision or s.train_connector or s.train_llm):
-        raise ConfigError("stage trains nothing: set at least one of stage.train_vision/train_connector/train_llm")
+    _check_stage(cfg)
     return cfg
+
+
+def _check_stage(cfg: Config) -> None:
+    s = cfg.stage
+    if not (s.train_vision or s.train_connector or s.train_llm or (s.train_moca and cfg.model.moca)):
+        raise ConfigError("stage trains nothing: set at least one of stage.train_vision/train_connector/train_llm")
+    _positive("stage.vision_from_layer", s.vision_from_layer, allow_zero=True)
+    _positive("stage.llm_up_to_layer", s.llm_up_to_layer, allow_zero=True)
+    if s.vision_from_layer and not s.train_vision:
+        raise ConfigError("stage.vision_from_layer is set but stage.train_vision is false: it would have no effect")
+    if s.llm_up_to_layer and not s.train_llm:
+        raise ConfigError("stage.llm_up_to_layer is set but stage.train_llm is false: it would have no effect")
+    if s.train_moca and not cfg.model.moca:
+        raise ConfigError("stage.train_moca is true but model.moca is false: there is no MoCa to train")
+    lc = s.lora
+    _positive("stage.lora.r", lc.r, allow_zero=True)
+    if lc.r and not s.train_llm:
+        raise ConfigError(f"stage.lora.r is {lc.r} but stage.train_llm is false: LoRA trains the LLM; set "
+                          "stage.train_llm true or stage.lora.r 0")
+    if lc.r:
+        if not lc.alpha > 0:
+            raise ConfigError(f"stage.lora.alpha must be > 0, got {lc.alpha}")
+        if not 0.0 <= lc.dropout < 1.0:
+            raise ConfigError(f"stage.lora.dropout must be in [0, 1), got {lc.dropout}")
+        if not lc.target_modules:
+            raise ConfigError("stage.lora.target_modules is empty: name the LLM's linear layers to adapt")
+    _one_of("stage.lora.save", lc.save, ("merged", "adapter"))
+    for part in ("vision", "connector", "llm", "moca"):
+        value = getattr(s.lr, part)
+        if not (value >= 0 and value != float("inf")):
+            raise ConfigError(f"stage.lr.{part} must be a finite number >= 0 (0 = optim.lr), got {value}")
 
 
 def dump_config(cfg: Config) -> str:

@@ -74,6 +74,86 @@ class MLPConnectorConfig(ConnectorConfig):
     """Activation between layers: gelu, relu, silu, tanh."""
 
 
+@ConnectorConfig.register_subclass("avg_pool")
+@dataclass
+class AvgPoolConnectorConfig(ConnectorConfig):
+    """MM1 average pooling: the patch grid is average-pooled (adaptive) to sqrt(tokens) x sqrt(tokens),
+    then an MLP. Needs a square patch grid (model.vision.keep_cls false when the encoder has a CLS token)."""
+
+    tokens: int = 64
+    """Output tokens per image: a perfect square no larger than the patch count (64 = 8x8, 144 = 12x12)."""
+    depth: int = 2
+    """Linear layers of the MLP after pooling (>= 1; 1 = a linear projection as in MM1)."""
+    activation: str = "gelu"
+    """Activation between MLP layers: gelu, relu, silu, tanh."""
+
+
+@ConnectorConfig.register_subclass("token_merge")
+@dataclass
+class TokenMergeConnectorConfig(ConnectorConfig):
+    """VILA k x k token merge: the channels of each k x k block of neighbouring patches are concatenated
+    (space-to-depth, k*k*vision_dim), layer-normed, then an MLP. Output tokens: ceil(side / k)^2; a grid
+    side not divisible by k is zero-padded at the bottom/right, as VILA does. Needs a square patch grid."""
+
+    kernel: int = 2
+    """Block side k (>= 1): k*k neighbouring patches become one token (2 = VILA-1.5's 4x reduction)."""
+    depth: int = 2
+    """Linear layers of the MLP after merging (>= 1)."""
+    activation: str = "gelu"
+    """Activation between MLP layers: gelu, relu, silu, tanh."""
+
+
+@ConnectorConfig.register_subclass("c_abstractor")
+@dataclass
+class CAbstractorConnectorConfig(ConnectorConfig):
+    """Honeybee / MM1 C-Abstractor: residual conv blocks on the patch grid, adaptive average pooling to
+    sqrt(tokens) x sqrt(tokens), more residual blocks, then a 2-layer SiLU readout MLP. Needs a square
+    patch grid."""
+
+    tokens: int = 64
+    """Output tokens per image: a perfect square no larger than the patch count (64 = 8x8, 144 = 12x12)."""
+    num_blocks: int = 3
+    """Residual blocks before pooling and again after it (>= 1; Honeybee: 3)."""
+    hidden_size: int = 0
+    """Channels of the conv blocks (>= 0); 0 = the vision width (Honeybee: 1024 with CLIP ViT-L)."""
+
+
+@ConnectorConfig.register_subclass("resampler")
+@dataclass
+class ResamplerConnectorConfig(ConnectorConfig):
+    """Perceiver resampler / attention pooling (Flamingo; MM1 "attention pooling"): learned query tokens
+    cross-attend to (features + queries), pre-norm, with an FFN, ``layers`` times; then a linear map
+    to the LLM width. Output tokens = ``tokens``, whatever the input count."""
+
+    tokens: int = 64
+    """Output tokens per image (learned queries, >= 1)."""
+    layers: int = 2
+    """Cross-attention + FFN layers (>= 1)."""
+    heads: int = 8
+    """Attention heads; must divide the hidden size."""
+    hidden_size: int = 0
+    """Width of queries and attention (>= 0); 0 = the vision width (features are projected otherwise)."""
+
+
+@ConnectorConfig.register_subclass("qformer")
+@dataclass
+class QFormerConnectorConfig(ConnectorConfig):
+    """BLIP-2 Q-Former (transformers' Blip2QFormerModel, random init): learned query tokens self-attend
+    and cross-attend to the vision features, then a linear map to the LLM width. Output tokens =
+    ``tokens``, whatever the input count."""
+
+    tokens: int = 32
+    """Output tokens per image (learned queries, >= 1; BLIP-2: 32)."""
+    layers: int = 2
+    """Q-Former layers (>= 1; BLIP-2: 12)."""
+    heads: int = 8
+    """Attention heads; must divide hidden_size."""
+    hidden_size: int = 768
+    """Q-Former width (> 0; BLIP-2: 768); its FFN is 4x wider."""
+    cross_attention_every: int = 1
+    """Cross-attention to the vision features in every n-th layer (>= 1; BLIP-2: 2)."""
+
+
 # ------------------------------------------------------------------------------------- LLM
 
 
@@ -175,7 +255,8 @@ class MixtureComponent:
 
     source: SourceConfig = field(default_factory=WebDatasetSourceConfig)
     weight: float = 1.0
-    """Relative share of samples (or tokens, see data.mix_by); weights need not sum to 1."""
+    """Relative share of samples (or tokens, see data.mix_by); weights need not sum to 1; 0 leaves the
+    source out (an ablation cell can drop a source of its base's mixture)."""
 
 
 @dataclass
@@ -227,14 +308,58 @@ class OptimConfig:
     """Global gradient-norm clip (0 = off)."""
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the LLM (peft). Active when ``r`` > 0 and stage.train_llm is true: the LLM's own
+    weights stay frozen and only the adapters train."""
+
+    r: int = 0
+    """Adapter rank (0 = no LoRA: stage.train_llm trains the LLM's weights themselves)."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / r) * B A."""
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Names of the LLM's linear layers that get adapters (Llama/Qwen/Mistral naming by default)."""
+    save: str = "merged"
+    """merged: checkpoints' trained weights hold the LLM with the adapters merged in (what the next stage,
+    MIR, evaluation and export load); adapter: the adapters are kept apart, in peft's format, under
+    CHECKPOINT/lora_adapter/."""
+
+
+@dataclass
+class ModuleLR:
+    """Learning rate per part (0 = optim.lr); the schedule multiplies each."""
+
+    vision: float = 0.0
+    connector: float = 0.0
+    llm: float = 0.0
+    moca: float = 0.0
+
+
 @dataclass
 class StageConfig:
     """Which modules train. The default is LLaVA stage 1: connector only."""
 
     name: str = "align"
+    init_from: str = ""
+    """Start from a previous stage: its run directory (newest complete checkpoint) or a checkpoint
+    directory. Every weight it carries (trained there or carried into it) is loaded before training."""
     train_vision: bool = False
+    vision_from_layer: int = 0
+    """With train_vision: train encoder blocks k.. and what follows them only (0 = the whole encoder)."""
     train_connector: bool = True
     train_llm: bool = False
+    llm_up_to_layer: int = 0
+    """With train_llm: train decoder layers 0..k-1 only, embeddings and head frozen (0 = the whole LLM;
+    the MIR paper's "first half" of Vicuna-7B is 16). With LoRA: adapters on those layers only."""
+    train_moca: Optional[bool] = None
+    """Train MoCa's scale/shift (model.moca); empty = with the connector."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lr: ModuleLR = field(default_factory=ModuleLR)
+    """Per-part learning rates, e.g. connector 1e-3 with llm 2e-5."""
 
 
 @dataclass

@@ -96,7 +96,7 @@ def data_spec_for(model: ModelConfig) -> DataSpec:
     from torch import nn
     from transformers import AutoConfig, AutoTokenizer
 
-    from lvlm.models.connectors import build_connector
+    from lvlm.models.connectors import build_connector, check_fits
     from lvlm.models.llm.quirks import quirks_for
     from lvlm.models.llm.wrapper import LanguageModel
     from lvlm.models.vision import build_vision
@@ -118,7 +118,7 @@ def data_spec_for(model: ModelConfig) -> DataSpec:
         vision = build_vision(vision_cfg)
         connector = build_connector(model.connector, in_dim=vision.embed_dim,
                                     out_dim=hf_config.get_text_config().hidden_size)
-    return DataSpec(tokenizer, ids.image_token_id, connector.num_tokens(vision.num_tokens()), ids.bos_token_id,
+    return DataSpec(tokenizer, ids.image_token_id, check_fits(connector, vision), ids.bos_token_id,
                     ids.eos_token_id, ids.pad_token_id)
 
 
