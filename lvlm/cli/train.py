@@ -1,7 +1,8 @@
 """`lvlm train [CONFIG.yaml] [--dotted.key value ...]`.
 
 With no config file the embedded default runs: the synthetic world and toy backbones
-(built and cached on first use, see ``lvlm.toy``) and LLaVA-style stage 1 on CPU.
+(built and cached on first use, see ``lvlm.toy``) and LLaVA-style stage 1 on CPU. A pipeline file
+(top-level ``stages:``, see ``lvlm.config.pipeline``) runs its stages in order.
 """
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ def main(argv: list[str]) -> int:
         from lvlm.config.schema import Config
 
         draccus.parse(Config, args=["--help"])  # prints every key with its docstring, then exits
+    from lvlm.config.pipeline import is_pipeline, load_pipeline
+
     try:
+        if is_pipeline(path):
+            return _run_pipeline(load_pipeline(path, overrides))
         cfg = load_config(path, overrides)
     except ConfigError as e:
         print(f"lvlm train: config error: {e}", file=sys.stderr)
@@ -42,6 +47,23 @@ def main(argv: list[str]) -> int:
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
+    shutdown()
+    return 0
+
+
+def _run_pipeline(pipeline) -> int:
+    """Every stage validated already (load_pipeline); run those not done, in order."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from lvlm import toy
+    from lvlm.train.engine import shutdown
+    from lvlm.train.loop import train
+    from lvlm.train.pipeline import run_pipeline
+
+    pipeline.stages = [(name, toy.resolve_config(cfg)) for name, cfg in pipeline.stages]
+    for summary in run_pipeline(pipeline, train):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_summary(summary))
     shutdown()
     return 0
 

@@ -249,7 +249,7 @@ def build_sources(cfg: DataConfig, resolve_path: Optional[Callable[[str], str]] 
     """``(name, source, weight)`` for every source the data config names: the mixture, or data.source."""
     if cfg.mixture:
         return [(name, build_source(c.source, resolve_path=resolve_path, name=name), c.weight)
-                for name, c in cfg.mixture.items()]
+                for name, c in cfg.mixture.items() if c.weight > 0]  # weight 0: left out (ablations)
     source = build_source(cfg.source, resolve_path=resolve_path)
     return [(source.name, source, 1.0)]
 

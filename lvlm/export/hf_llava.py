@@ -36,7 +36,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lvlm.config.schema import Config, HFVisionConfig, LinearConnectorConfig, MLPConnectorConfig, ModelConfig
+from lvlm.config.schema import (
+    Config,
+    ConnectorConfig,
+    HFVisionConfig,
+    LinearConnectorConfig,
+    MLPConnectorConfig,
+    ModelConfig,
+)
 
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu", "tanh": "tanh"}
 """lvlm connector activation -> transformers ACT2FN name computing the same function."""
@@ -65,8 +72,10 @@ def check_exportable(cfg: ModelConfig) -> None:
             raise ExportError(f"model.connector.activation {conn.activation!r} has no transformers equivalent; "
                               f"exportable: {', '.join(ACTIVATIONS)}")
     elif not isinstance(conn, LinearConnectorConfig):
-        raise ExportError(f"connector {type(conn).__name__} cannot be exported: LLaVA's projector is a 2-layer MLP "
-                          "(exportable: linear, mlp with depth <= 2)")
+        name = ConnectorConfig.get_choice_name(type(conn))
+        raise ExportError(f"model.connector.type {name} cannot be exported: LLaVA's projector is a linear layer or "
+                          "a 2-layer MLP applied to every vision token, with no pooling, merging, convolution or "
+                          "attention (exportable: linear, mlp with depth <= 2)")
 
 
 def load_run(ckpt_or_run_dir: str | Path) -> tuple[Config, Path]:
@@ -92,10 +101,14 @@ def rebuild(cfg: Config, ckpt: Path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, _, tokenizer = build_lvlm(cfg.model)
+    from lvlm.train import lora
+
     try:
         loaded = set(load_trained_weights(model, ckpt))
     except ValueError as e:  # weights the config's model lacks
         raise ExportError(str(e)) from e
+    if lora.load_adapter(model, ckpt):  # a LoRA stage that kept its adapters apart: export them merged
+        loaded |= set(lora.merge_into_base(model))
     random_parts = ["connector."] + (["vision."] if cfg.model.vision.random_init else [])
     random_parts += ["llm."] if cfg.model.llm.random_init else []
     unset = [n for n, _ in model.named_parameters() if n.startswith(tuple(random_parts)) and n not in loaded]

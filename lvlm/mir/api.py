@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lvlm.config.schema import Config
 from lvlm.mir.collect import probe_mir
 from lvlm.mir.probe import build_probe
@@ -19,15 +17,10 @@ def probe_for(cfg: Config, model, image_transform):
 
 
 def run_mir(cfg: Config, ckpt_dir: Path):
-    from lvlm.models.build import build_lvlm
-    from lvlm.train.checkpoint import load_trained_weights
+    from lvlm.train.checkpoint import load_checkpoint_model
 
-    with torch.random.fork_rng():  # as training seeds before building: frozen rows added for <image> match
-        torch.manual_seed(cfg.seed)
-        model, transform, _ = build_lvlm(cfg.model)
-    load_trained_weights(model, ckpt_dir)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device).eval()
+    model, transform = load_checkpoint_model(cfg, ckpt_dir)  # seeded as training built it
+    device = next(model.parameters()).device
     probe = probe_for(cfg, model, transform)
     result = probe_mir(model, probe, model.llm.num_layers, device, cross=cfg.mir.cross,
                        layers_per_pass=cfg.mir.layers_per_pass, memory_gb=cfg.mir.memory_gb)

@@ -66,7 +66,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
+def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int,
+         carried: frozenset[str] = frozenset()) -> Path:
     """Write a checkpoint collectively; mark it complete and prune old ones (rank 0)."""
     ckpt_dir = run_dir / "checkpoints"
     tag = tag_for(step)
@@ -74,7 +75,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
     if engine.rank == 0 and path.exists():  # a leftover, incomplete attempt at the same step
         shutil.rmtree(path)
     engine.barrier()
-    engine.save(ckpt_dir, tag, client_state)
+    engine.save(ckpt_dir, tag, client_state, carried)
     (path / f"rng_rank{engine.rank}.json").write_text(json.dumps(rng_state()))
     engine.barrier()
     if engine.rank == 0:
@@ -128,3 +129,23 @@ def load_trained_weights(model, ckpt_dir: Path) -> list[str]:
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].dtype))
     return sorted(weights)
+
+
+def load_checkpoint_model(cfg, ckpt_dir: Path, device: torch.device | str | None = None):
+    """(model, image_transform) of a trained checkpoint, for evaluation: ``cfg.model`` (``toy://`` paths
+    already resolved) built under ``cfg.seed`` exactly as training built it, so the rows a frozen LLM got
+    for the added ``<image>`` token are the training-time ones, then ``trainable.safetensors`` loaded (and
+    LoRA adapters kept apart under ``lora_adapter/``, merged in); on ``device`` (default: cuda when
+    available) in eval mode."""
+    from lvlm.models.build import build_lvlm
+    from lvlm.train import lora
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model, transform, _ = build_lvlm(cfg.model)
+    load_trained_weights(model, ckpt_dir)
+    if lora.load_adapter(model, ckpt_dir):
+        lora.merge_into_base(model)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(torch.device(device)).eval(), transform

@@ -85,16 +85,6 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters; no weight decay on biases and norms (ndim < 2)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 class Engine:
     """DeepSpeed engine plus the few collectives the loop needs."""
 
@@ -105,8 +95,11 @@ class Engine:
         self.ds_config = deepspeed_config(cfg, world_size)
         if rank == 0:
             (run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        from lvlm.train.stages import param_groups
+
         o = cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+        self.stage, self.llm_name = cfg.stage, cfg.model.llm.name_or_path
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=(o.beta1, o.beta2),
                                       eps=o.eps, fused=torch.cuda.is_available() or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -126,6 +119,11 @@ class Engine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        """Current learning rate per trained part (stage.lr)."""
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.scheduler.optimizer.param_groups)}
 
     def grad_norm(self) -> float | None:
         norm = self.module.get_global_grad_norm()
@@ -184,15 +182,25 @@ class Engine:
         if self.world_size > 1:
             dist.barrier()
 
-    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
-        """DeepSpeed's full training state, plus ``trainable.safetensors`` (the trained weights alone,
-        gathered, fp32), which is what evaluation, MIR and export load without DeepSpeed."""
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict, carried: frozenset[str] = frozenset()) -> None:
+        """DeepSpeed's full training state, plus ``trainable.safetensors``: every weight that is not the
+        backbones' own (trained in this stage, or ``carried`` in from earlier ones), gathered, fp32, under the
+        plain model's names, which is what the next stage, evaluation, MIR and export load without DeepSpeed.
+        LoRA adapters are merged into their layers' weights, or (stage.lora.save: adapter) written apart in
+        peft's format under ``lora_adapter/``."""
         from safetensors.torch import save_file
 
+        from lvlm.train import lora
+
         self.module.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        weights = trainable_state_dict(self.module.module, self.ds_config["zero_optimization"]["stage"])
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
+        merge = self.stage.lora.save == "merged"
+        weights, adapters = stage_state_dict(self.module.module, zero3, carried, merge)
         if self.rank == 0:
             save_file(weights, str(ckpt_dir / tag / "trainable.safetensors"))
+            if adapters and not merge:
+                lora.save_adapter(ckpt_dir / tag, adapters, self.stage, len(self.module.module.llm.decoder_layers()),
+                                  self.llm_name)
 
     def load(self, ckpt_dir: Path, tag: str) -> dict:
         path, client_state = self.module.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
@@ -202,15 +210,35 @@ class Engine:
         return client_state or {}
 
 
-def trainable_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full values of every trainable parameter (gathered from ZeRO-3 partitions), on CPU, every rank."""
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if zero_stage == 3:
-        import deepspeed
+def _gathered(params: list[torch.Tensor], zero3: bool):
+    if not zero3:
+        from contextlib import nullcontext
 
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().float().cpu().clone() for n, p in named}
-    return {n: p.detach().float().cpu().clone() for n, p in named}
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def stage_state_dict(module: nn.Module, zero3: bool, carried: frozenset[str] = frozenset(),
+                     merge_lora: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights, adapters), full values on CPU in fp32 on every rank (ZeRO-3 partitions gathered one layer at a
+    time). weights: trainable parameters and those named in ``carried``, under plain names, LoRA layers merged
+    (``merge_lora``); adapters: the LoRA tensors in peft's naming (empty without LoRA)."""
+    from lvlm.train import lora
+
+    named = dict(module.named_parameters())
+    wanted = [n for n, p in named.items()
+              if ".lora_" not in n and (p.requires_grad or lora.plain_name(n) in carried)]
+    with _gathered([named[n] for n in wanted], zero3):
+        weights = {lora.plain_name(n): named[n].detach().float().cpu().clone() for n in wanted}
+    adapters: dict[str, torch.Tensor] = {}
+    for name, layer in lora.lora_layers(module).items():
+        with _gathered(list(layer.parameters()), zero3):
+            if merge_lora:
+                weights[f"{name}.weight"] = lora.merged_weight(layer)
+            adapters.update(lora.adapter_tensors(name, layer))
+    return weights, adapters
 
 
 def shutdown() -> None:

@@ -22,7 +22,7 @@ from lvlm.data.skips import merge_skip_counts
 from lvlm.models.build import build_lvlm
 from lvlm.models.lvlm import IGNORE_INDEX
 from lvlm.track import Tracker
-from lvlm.train import checkpoint, engine as eng, stages
+from lvlm.train import checkpoint, engine as eng, lora, stages
 from lvlm.train.preempt import PreemptionFlag
 from lvlm.train.rundir import write_run_record
 
@@ -80,6 +80,8 @@ def train(cfg: Config) -> Summary:
     log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
     model, image_transform, tokenizer = build_lvlm(cfg.model)
+    carried = frozenset(_init_from(model, cfg.stage.init_from))
+    lora.add_lora(model, cfg.stage)
     plan = stages.apply_stage(model, cfg.stage)
     log.info("stage '%s': trainable parameters\n%s", cfg.stage.name, stages.parameter_table(model))
     if cfg.train.activation_checkpointing:
@@ -188,6 +190,8 @@ def train(cfg: Config) -> Summary:
             record = {"step": step + 1, "loss": loss, "lr": engine.lr, "grad_norm": engine.grad_norm(),
                       "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt,
                       "skipped": skipped, "padding_waste": mix_counts[-2] / max(mix_counts[-1], 1.0)}
+            if len(set(engine.lrs.values())) > 1:
+                record["lrs"] = engine.lrs
             if len(mix_names) > 1:
                 record["sources"] = step_sources
             metrics.write(record)
@@ -204,7 +208,7 @@ def train(cfg: Config) -> Summary:
                 batches = None  # stop the data workers first: from here their exit is no longer an error
             if done or stop > 0 or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
                 client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
-                path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last)
+                path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last, carried)
                 log.info("checkpoint %s", path)
             if stop > 0 and not done:
                 summary.preempted = True
@@ -232,6 +236,18 @@ def train(cfg: Config) -> Summary:
 
         plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_mir.png")
     return summary
+
+
+def _init_from(model, init_from: str) -> list[str]:
+    """Load a previous stage's weights (and fold in its LoRA adapters); returns the names loaded."""
+    if not init_from:
+        return []
+    _, ckpt = checkpoint.find_checkpoint(init_from)
+    names = checkpoint.load_trained_weights(model, ckpt)
+    if lora.load_adapter(model, ckpt):
+        names += lora.merge_into_base(model)
+    log.info("stage starts from %s: %d weight tensors loaded", ckpt, len(names))
+    return names
 
 
 def _progress(cfg: Config, start_step: int):

@@ -4,12 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lvlm.config import Config, ConfigError, dump_config, load_config
 from lvlm.config.schema import HFVisionConfig, LinearConnectorConfig, OpenCLIPVisionConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))
+# ablation grids (top-level ``axes``) are checked cell by cell in test_ablate.py
+SHIPPED = [p for p in ALL_YAML if "axes" not in (yaml.safe_load(p.read_text()) or {})]
 
 
 def test_there_are_shipped_configs():
@@ -18,10 +21,13 @@ def test_there_are_shipped_configs():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_parses_and_round_trips(path, tmp_path):
-    cfg = load_config(path)
-    again = tmp_path / "again.yaml"
-    again.write_text(dump_config(cfg))
-    assert load_config(again) == cfg
+    from lvlm.config.pipeline import is_pipeline, load_pipeline
+
+    configs = [cfg for _, cfg in load_pipeline(path).stages] if is_pipeline(path) else [load_config(path)]
+    for i, cfg in enumerate(configs):
+        again = tmp_path / f"again{i}.yaml"
+        again.write_text(dump_config(cfg))
+        assert load_config(again) == cfg
 
 
 def test_toy_yaml_equals_embedded_default():
@@ -47,7 +53,8 @@ def test_override_of_choice_field_keeps_current_type():
 
 @pytest.mark.parametrize("overrides, expected", [
     (["--model.vision.type", "timm"], "valid choices: hf, open_clip"),
-    (["--model.connector.type", "qformer"], "valid choices: linear, mlp"),
+    (["--model.connector.type", "perceiver"],
+     "valid choices: avg_pool, c_abstractor, linear, mlp, qformer, resampler, token_merge"),
     (["--data.source.type", "csv"], "valid choices: interleaved, llava_json, text, webdataset"),
     (["--train.zero_stage", "4"], "train.zero_stage; valid choices: 0, 1, 2, 3"),
     (["--train.precision", "fp16"], "valid choices: fp32, bf16"),
@@ -116,3 +123,27 @@ def test_mixture_overrides_keep_order_and_toy_paths_resolve_inside_the_mixture(m
         paths = [v for v in vars(comp.source).values() if isinstance(v, str) and v]
         assert paths and not any(p.startswith("toy://") for p in paths)
         assert any(p.startswith(str(tmp_path)) for p in paths)
+
+
+def test_type_override_over_a_yaml_with_the_old_types_fields(tmp_path):
+    """An ablation cell switching the connector type of a base that sets an MLP's depth."""
+    path = ROOT / "configs/llava15/stage1_pretrain.yaml"
+    cfg = load_config(path, ["--model.connector.type", "qformer", "--model.connector.tokens", "16"])
+    assert type(cfg.model.connector).__name__ == "QFormerConnectorConfig" and cfg.model.connector.tokens == 16
+    assert load_config(path, ["--model.connector.type", "mlp"]).model.connector.depth == 2  # same type: kept
+    cfg = load_config(path, ["--data.source.type=webdataset", "--data.source.shards", "/d/x.tar"])
+    assert cfg.data.source.shards == "/d/x.tar"
+    assert path.read_text().count("llava_json") >= 1  # the shipped file itself is untouched
+
+
+def test_mixture_weight_zero_leaves_a_source_out(monkeypatch):
+    import lvlm.data.build as build
+
+    monkeypatch.setattr(build, "build_source", lambda cfg, resolve_path=None, name="": name)  # no files read
+    mix = ROOT / "data_recipes/mm1_45_45_10.yaml"
+    cfg = load_config(mix, ["--data.mixture.text.weight", "0"])
+    names = [name for name, _, _ in build.build_sources(cfg.data)]
+    assert "text" not in names and len(names) == 2
+    with pytest.raises(ConfigError, match="every data.mixture weight is 0"):
+        load_config(mix, [f"--data.mixture.{n}.weight" if i % 2 == 0 else "0"
+                          for n in cfg.data.mixture for i in range(2)])

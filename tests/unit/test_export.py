@@ -13,7 +13,17 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvlm.cli.export import main as export_main
-from lvlm.config import HFVisionConfig, LinearConnectorConfig, MLPConnectorConfig, OpenCLIPVisionConfig
+from lvlm.config import (
+    AvgPoolConnectorConfig,
+    CAbstractorConnectorConfig,
+    HFVisionConfig,
+    LinearConnectorConfig,
+    MLPConnectorConfig,
+    OpenCLIPVisionConfig,
+    QFormerConnectorConfig,
+    ResamplerConnectorConfig,
+    TokenMergeConnectorConfig,
+)
 from lvlm.export import ExportError, export_llava
 
 TOL = 1e-4
@@ -99,6 +109,11 @@ def test_export_writes_a_processor_that_expands_one_image_token(assets, tmp_path
      "MoCa calibrates image tokens with hooks"),
     (HFVisionConfig(name_or_path="/nonexistent/vision"), MLPConnectorConfig(depth=3), False,
      "depth 3 cannot be exported: LLaVA's projector is exactly two linear layers"),
+    *[(HFVisionConfig(name_or_path="/nonexistent/vision"), conn, False,
+       f"model.connector.type {name} cannot be exported: LLaVA's projector is a linear layer or a 2-layer MLP")
+      for name, conn in (("avg_pool", AvgPoolConnectorConfig()), ("token_merge", TokenMergeConnectorConfig()),
+                         ("c_abstractor", CAbstractorConnectorConfig()), ("resampler", ResamplerConnectorConfig()),
+                         ("qformer", QFormerConnectorConfig()))],
 ])
 def test_unexportable_models_are_refused_with_the_reason(tmp_path, vision, connector, moca, message):
     run = unexportable_run(tmp_path / "run", vision, connector, moca)
@@ -154,3 +169,31 @@ def test_bf16_llm_exports_with_its_dtype(assets, tmp_path):
     print(f"bf16: max |logit diff| auto {max_logit_diff(model, auto, inputs):.3e}, "
           f"fp32 {max_logit_diff(model, fp32, inputs):.3e}")
     assert max_logit_diff(model, auto, inputs) < 2e-2 and max_logit_diff(model, fp32, inputs) < 2e-2
+
+
+def test_lora_adapter_checkpoint_exports_merged(assets, tmp_path):
+    """A LoRA stage that kept its adapters apart (stage.lora.save: adapter) exports with them merged."""
+    from lvlm.config.schema import LoRAConfig, StageConfig
+    from lvlm.train import lora
+
+    model_cfg = model_config(*backbones(assets, "clip_vision", "llama"))
+    model, tokenizer = trained_run(tmp_path / "run", model_cfg)
+    stage = StageConfig(train_llm=True, lora=LoRAConfig(r=4, alpha=8, dropout=0.0, save="adapter"))
+    lora.add_lora(model, stage)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
+    adapters = {}
+    for name, layer in lora.lora_layers(model).items():
+        adapters.update(lora.adapter_tensors(name, layer))
+    lora.save_adapter(ckpt, adapters, stage, len(model.llm.decoder_layers()))
+    llava = _load(export_llava(tmp_path / "run", tmp_path / "out"))
+    inputs = batch(model, tokenizer)
+    assert max_logit_diff(model.eval(), llava, inputs) < TOL
+    # negative control: without the adapter the export differs
+    (ckpt / lora.ADAPTER_DIR / "adapter_config.json").unlink()
+    plain = _load(export_llava(tmp_path / "run", tmp_path / "out2"))
+    assert max_logit_diff(model, plain, inputs) > 100 * TOL

@@ -146,8 +146,10 @@ def test_stage_freezes_parts_and_gradient_check_catches_violations(lvlm):
     lvlm(ids, attn, labels, pixels).loss_sum.backward()
     grad = lambda p: p.grad  # noqa: E731  (the single-process stand-in for DeepSpeed's full-grad getter)
     stages.check_gradients(lvlm, plan, grad)  # a correct stage passes
-    with pytest.raises(RuntimeError, match="trains 'vision' but it received no gradient"):
-        stages.check_gradients(lvlm, {**plan, "vision": True}, lambda p: None)
+    with pytest.raises(RuntimeError, match="trains 'vision' but none of its parameters is trainable"):
+        stages.check_gradients(lvlm, {**plan, "vision": True}, grad)
+    with pytest.raises(RuntimeError, match="trains 'connector' but it received no gradient"):
+        stages.check_gradients(lvlm, plan, lambda p: None)
     lvlm.llm.model.lm_head.weight.grad = torch.ones_like(lvlm.llm.model.lm_head.weight)
     with pytest.raises(RuntimeError, match="freezes 'llm'"):
         stages.check_gradients(lvlm, plan, grad)

@@ -85,6 +85,12 @@ class VisionEncoder(nn.Module, ABC):
         """Number of transformer blocks the features pass through."""
         return self.contract.num_layers
 
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks the features pass through, in order (partial unfreezing)."""
+        lists = [m for m in self.modules()
+                 if isinstance(m, nn.ModuleList) and len(m) > 0 and isinstance(m[0], self.layer_cls)]
+        return max(lists, key=len)
+
     def num_tokens(self, image_size: int | None = None) -> int:
         """Feature tokens per image at ``image_size`` (default: the encoder's resolution)."""
         side = (image_size or self.image_size) // self.patch_size

@@ -1,0 +1,249 @@
+"""Stages: partial unfreezing, LoRA (inject -> merge / adapter in peft's format), per-part learning rates,
+the per-layer gradient check, stage-key validation, and pipeline files (merge rules, init_from chaining)."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from model_fixtures import save_llm
+from vision_fixtures import save_hf
+
+from lvlm.config import ConfigError, load_config
+from lvlm.config.schema import Config, HFVisionConfig, LLMConfig, LoRAConfig, ModelConfig, StageConfig
+from lvlm.models.build import build_lvlm
+from lvlm.train import lora, stages
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    llm = save_llm("llama", tmp_path_factory.mktemp("llama"))
+    vdir = tmp_path_factory.mktemp("clip")
+    save_hf("clip_vision", vdir)
+    return {"llm": str(llm), "vision": str(vdir)}
+
+
+def build(dirs, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vision=HFVisionConfig(name_or_path=dirs["vision"]), llm=LLMConfig(name_or_path=dirs["llm"]))
+    return build_lvlm(cfg)[0]
+
+
+def batch(model):
+    t = model.tokens_per_image
+    ids = torch.tensor([[model.llm.bos_token_id] + [model.image_token_id] * t + list(range(5, 12))])
+    labels = ids.clone()
+    labels[:, : 1 + t] = -100
+    size = model.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, pixel_values=pixels)
+
+
+def trainable(module):
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_llm_up_to_layer_trains_only_the_first_layers(dirs):
+    model = build(dirs)
+    plan = stages.apply_stage(model, StageConfig(train_connector=False, train_llm=True, llm_up_to_layer=1))
+    assert plan == {"vision": False, "connector": False, "llm": True}
+    names = trainable(model.llm)
+    assert names and all(".layers.0." in n for n in names)
+    assert not model.llm.model.get_input_embeddings().weight.requires_grad
+    model(**batch(model)).loss_sum.backward()
+    stages.check_gradients(model, plan, lambda p: p.grad)
+    layer1 = next(p for n, p in model.llm.named_parameters() if ".layers.1." in n)
+    layer1.grad = torch.ones_like(layer1)
+    with pytest.raises(RuntimeError, match="freezes 'llm layer 1'"):
+        stages.check_gradients(model, plan, lambda p: p.grad)
+
+
+def test_vision_from_layer_and_the_per_block_gradient_check(dirs):
+    model = build(dirs)
+    n = len(model.vision.blocks())
+    plan = stages.apply_stage(model, StageConfig(train_vision=True, vision_from_layer=n - 1))
+    blocks = model.vision.blocks()
+    assert all(p.requires_grad for p in blocks[n - 1].parameters())
+    assert not any(p.requires_grad for b in blocks[: n - 1] for p in b.parameters())
+    model(**batch(model)).loss_sum.backward()
+    stages.check_gradients(model, plan, lambda p: p.grad)
+    last = set(map(id, blocks[n - 1].parameters()))
+    with pytest.raises(RuntimeError, match=f"trains 'vision layer {n - 1}' but it received no gradient"):
+        stages.check_gradients(model, plan, lambda p: None if id(p) in last else p.grad)
+    with pytest.raises(ValueError, match="vision_from_layer"):
+        stages.apply_stage(model, StageConfig(train_vision=True, vision_from_layer=n))
+
+
+def test_per_part_learning_rates(dirs):
+    model = build(dirs)
+    stages.apply_stage(model, StageConfig(train_llm=True))
+    cfg = Config(stage=StageConfig(train_llm=True))
+    cfg.stage.lr.llm = 2e-5
+    groups = stages.param_groups(model, cfg)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == {"connector": cfg.optim.lr, "llm": 2e-5}
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_stage(save="merged", r=4):
+    return StageConfig(train_llm=True, lora=LoRAConfig(r=r, alpha=8, dropout=0.0, save=save))
+
+
+def randomise_lora_b(model):
+    with torch.no_grad():  # B starts at zero (LoRA's init): make the adapters do something
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+
+
+def test_lora_trains_adapters_only_and_merge_equals_the_adapted_model(dirs, tmp_path):
+    model = build(dirs)
+    stage = lora_stage()
+    lora.add_lora(model, stage)
+    plan = stages.apply_stage(model, stage)
+    llm_trainable = trainable(model.llm)
+    assert llm_trainable and all(".lora_" in n for n in llm_trainable)
+    assert all(p.requires_grad for p in model.connector.parameters())
+    out = model(**batch(model))
+    out.loss_sum.backward()
+    stages.check_gradients(model, plan, lambda p: p.grad)
+    randomise_lora_b(model)
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch(model)).logits
+    # the saved, merged weights rebuild the same model without peft
+    from lvlm.train.engine import stage_state_dict
+
+    weights, adapters = stage_state_dict(model, zero3=False, merge_lora=True)
+    assert not any(".lora_" in k or "base_layer" in k for k in weights)
+    assert any(k.endswith("q_proj.weight") for k in weights) and adapters
+    fresh = build(dirs)
+    fresh.load_state_dict(weights, strict=False)
+    fresh.eval()
+    with torch.no_grad():
+        got = fresh(**batch(fresh)).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and merge_into_base (used when a stage starts from an adapter checkpoint) gives the same outputs
+    merged_names = lora.merge_into_base(model)
+    assert merged_names and not lora.lora_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch(model)).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_adapter_is_peft_format_and_reloads(dirs, tmp_path):
+    from peft import PeftModel
+
+    model = build(dirs)
+    stage = lora_stage(save="adapter")
+    lora.add_lora(model, stage)
+    stages.apply_stage(model, stage)
+    randomise_lora_b(model)
+    model.eval()
+    from lvlm.train.engine import stage_state_dict
+
+    weights, adapters = stage_state_dict(model, zero3=False, merge_lora=False)
+    assert not any("q_proj" in k for k in weights)  # the LLM's weights are not duplicated
+    path = lora.save_adapter(tmp_path, adapters, stage, len(model.llm.decoder_layers()), dirs["llm"])
+    # our loader: a fresh plain model + the adapter == the adapted model
+    fresh = build(dirs)
+    fresh.load_state_dict(weights, strict=False)
+    assert lora.load_adapter(fresh, tmp_path)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch(fresh)).logits, model(**batch(model)).logits)
+    # peft's loader puts the same adapter on the plain transformers LLM
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    plain = AutoModelForCausalLM.from_pretrained(dirs["llm"]).eval()
+    plain.resize_token_embeddings(model.llm.model.get_input_embeddings().num_embeddings)
+    with torch.no_grad():
+        plain.get_input_embeddings().weight.copy_(model.llm.model.get_input_embeddings().weight)
+        plain.lm_head.weight.copy_(model.llm.model.lm_head.base_layer.weight if hasattr(
+            model.llm.model.lm_head, "base_layer") else model.llm.model.lm_head.weight)
+    peft_model = PeftModel.from_pretrained(plain, str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, model.llm.model(input_ids=ids).logits)
+
+
+def test_lora_errors_name_the_problem(dirs):
+    model = build(dirs)
+    bad = StageConfig(train_llm=True, lora=LoRAConfig(r=4, target_modules=["qkv"]))
+    with pytest.raises(ValueError, match="target_modules.*q_proj"):
+        lora.add_lora(model, bad)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--stage.lora.r", "8"], "stage.train_llm is false"),
+    (["--stage.llm_up_to_layer", "4"], "would have no effect"),
+    (["--stage.vision_from_layer", "4"], "would have no effect"),
+    (["--stage.train_moca", "true"], "model.moca is false"),
+    (["--stage.train_llm", "true", "--stage.lora.r", "8", "--stage.lora.save", "both"], "merged, adapter|'merged'"),
+    (["--stage.lr.llm", "-1"], "stage.lr.llm"),
+])
+def test_stage_keys_are_validated_at_load(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, args)
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_pipeline_merges_layers_and_chains_init_from(tmp_path):
+    from lvlm.config.pipeline import is_pipeline, load_pipeline
+
+    write(tmp_path / "base.yaml", """
+        run_dir: runs/x
+        optim: {lr: 1.0e-3, weight_decay: 0.1}
+        data:
+          source: {type: webdataset, shards: a.tar, caption_key: json_caption}
+        """)
+    pipe = write(tmp_path / "pipe.yaml", """
+        base: base.yaml
+        run_dir: runs/pipe
+        train: {max_steps: 7}
+        stages:
+          align: {}
+          sft:
+            optim: {lr: 2.0e-5}
+            stage: {train_llm: true, lora: {r: 8}}
+            data:
+              source: {type: llava_json, format: chat, json_path: c.json, image_folder: imgs}
+        """)
+    assert is_pipeline(pipe) and not is_pipeline(tmp_path / "base.yaml")
+    p = load_pipeline(pipe, ["--train.micro_batch_size", "3", "--stages.sft.train.max_steps", "2"])
+    (a_name, a), (s_name, s) = p.stages
+    assert (a_name, s_name) == ("align", "sft") and str(p.run_dir) == "runs/pipe"
+    assert a.run_dir == "runs/pipe/align" and s.run_dir == "runs/pipe/sft"
+    assert a.stage.name == "align" and a.stage.init_from == "" and s.stage.init_from == "runs/pipe/align"
+    assert a.optim.lr == 1e-3 and s.optim.lr == 2e-5 and s.optim.weight_decay == 0.1  # merged key by key
+    assert a.train.max_steps == 7 and s.train.max_steps == 2  # per-stage CLI override
+    assert a.train.micro_batch_size == 3 and s.train.micro_batch_size == 3  # every-stage CLI override
+    assert s.stage.lora.r == 8 and s.stage.train_llm and not a.stage.train_llm
+    assert type(s.data.source).__name__ == "LLaVAJsonSourceConfig" and s.data.source.format == "chat"
+    assert a.data.source.caption_key == "json_caption"  # a typed node is replaced whole, not patched
+    p2 = load_pipeline(pipe, ["--run_dir", str(tmp_path / "elsewhere")])
+    assert p2.stages[1][1].stage.init_from == str(tmp_path / "elsewhere" / "align")
+
+
+def test_pipeline_errors_name_the_stage(tmp_path):
+    from lvlm.config.pipeline import load_pipeline
+
+    pipe = write(tmp_path / "pipe.yaml", """
+        stages:
+          align: {}
+          sft: {stage: {train_llm: false, lora: {r: 4}}}
+        """)
+    with pytest.raises(ConfigError, match="pipeline stage 'sft'.*train_llm is false"):
+        load_pipeline(pipe)
+    ok = write(tmp_path / "ok.yaml", "stages: {align: {}}\n")
+    with pytest.raises(ConfigError, match="no stage 'sfx'.*align"):
+        load_pipeline(ok, ["--stages.sfx.optim.lr", "1"])
+    with pytest.raises(ConfigError, match="non-empty mapping"):
+        load_pipeline(write(tmp_path / "empty.yaml", "stages: {}\n"))
