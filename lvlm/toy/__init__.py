@@ -83,8 +83,8 @@ def prepare(root: Path | None = None, *, spec: ToySpec | None = None) -> Path:
         log.info("world: %d train / %d val images, %d texts in %.1f s", spec.n_train, spec.n_val, spec.n_text,
                  t_world)
         llm = train_llm(out / "world", out / "llm", spec.llm, seed=spec.seed)
-        log.info("toy LLM: %s params, loss %.3f -> %.3f in %.1f s", f"{llm['params']:,}", llm["first_loss"],
-                 llm["final_loss"], llm["seconds"])
+        log.info("toy LLM: %s params, loss %.3f -> %.3f, held-out text QA accuracy %.2f in %.1f s",
+                 f"{llm['params']:,}", llm["first_loss"], llm["final_loss"], llm["qa_accuracy"], llm["seconds"])
         vision = train_vision(out / "world", out / "vision", spec.vision, spec.image_size, seed=spec.seed)
         log.info("toy vision: %s params, contrastive loss %.3f -> %.3f, val image->text top-1 %.2f "
                  "(chance %.2f) in %.1f s", f"{vision['params_visual']:,}", vision["first_loss"],

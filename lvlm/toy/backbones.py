@@ -1,7 +1,7 @@
 """Pre-training of the toy backbones on the synthetic world, saved in their real formats.
 
-Owns: the toy LLM (a tiny Llama trained with next-token cross-entropy on the world's text corpus,
-saved with ``save_pretrained`` together with the toy tokenizer) and the toy vision encoder (a tiny
+Owns: the toy LLM (a tiny Llama trained with next-token cross-entropy on the world's text corpus plus
+text-only QA chats, saved with ``save_pretrained`` together with the toy tokenizer) and the toy vision encoder (a tiny
 open_clip CLIP trained contrastively with open_clip's ``ClipLoss`` on the world's image-caption
 pairs, saved as an ``open_clip_config.json``-style JSON plus a safetensors state dict). Both are
 loaded back by the same loaders as real backbones (``lvlm.models``).
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lvlm.toy.tokenizer import build_tokenizer
+from lvlm.toy.vqa import qa_messages
 from lvlm.toy.world import read_split, read_text
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -40,6 +41,12 @@ class LLMSpec:
     steps: int = 300
     batch: int = 64
     lr: float = 3e-3
+    qa_fraction: float = 0.5
+    """Text-only QA chats (``lvlm.toy.vqa.qa_messages``: a scene's caption and a question, the answer, two
+    more questions and answers, in the toy chat template) added to the corpus, as a fraction of its document
+    count; 0 = the text corpus alone."""
+    qa_eval: int = 200
+    """Held-out QA chats whose first question the trained LLM answers greedily (``qa_accuracy`` in the report)."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +78,24 @@ def _pad(rows: list[list[int]], length: int, pad: int) -> torch.Tensor:
     return out
 
 
+def _chat_ids(tok, chat: list[dict], generation_prompt: bool = False) -> list[int]:
+    """BOS + the chat rendered by the toy chat template (assistant turns end with EOS)."""
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+    return [tok.bos_token_id, *tok(text, add_special_tokens=False).input_ids]
+
+
 def train_llm(world: Path, out: Path, spec: LLMSpec, seed: int = 0) -> dict:
-    """Train the toy LLM on the world's text corpus; save model + tokenizer to ``out``."""
+    """Train the toy LLM on the world's text corpus plus QA chats; save model + tokenizer to ``out``.
+
+    The QA chats teach it what an instruction-tuned LLM brings to LLaVA-style training: answering a
+    question about a scene described earlier in its context (later: shown as image tokens)."""
     torch.manual_seed(seed)
     tok = build_tokenizer()
     texts = read_text(world)
     ids = [[tok.bos_token_id, *tok(t, add_special_tokens=False).input_ids, tok.eos_token_id] for t in texts]
+    n_qa = int(round(spec.qa_fraction * len(texts)))
+    chats = qa_messages(seed, n_qa + spec.qa_eval)
+    ids += [_chat_ids(tok, chat) for chat in chats[:n_qa]]
     length = max(len(r) for r in ids)
     data = _pad(ids, length, tok.pad_token_id)  # [n, length]
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
@@ -98,12 +117,42 @@ def train_llm(world: Path, out: Path, spec: LLMSpec, seed: int = 0) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+    seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"params": sum(p.numel() for p in model.parameters()), "steps": spec.steps,
-            "first_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-10:])),
-            "seconds": time.perf_counter() - t0, "spec": asdict(spec)}
+    held_out = chats[n_qa:]
+    return {"params": sum(p.numel() for p in model.parameters()), "steps": spec.steps, "documents": len(texts),
+            "qa_documents": n_qa, "first_loss": float(np.mean(losses[:10])),
+            "final_loss": float(np.mean(losses[-10:])), "qa_accuracy": qa_accuracy(model, tok, held_out),
+            "qa_eval": len(held_out), "seconds": seconds, "spec": asdict(spec)}
+
+
+@torch.no_grad()
+def qa_accuracy(model, tok, chats: list[list[dict]], max_new_tokens: int = 4) -> float:
+    """Exact-match accuracy of greedy answers to the first user turn of each of ``chats`` (nan if none)."""
+    if not chats:
+        return float("nan")
+    model.eval()
+    prompts = [_chat_ids(tok, chat[:1], generation_prompt=True) for chat in chats]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])  # left-padded [n, width]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    answers: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max_new_tokens):
+        mask = (ids != tok.pad_token_id).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)  # [n]
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i] and t != tok.eos_token_id:
+                answers[i].append(t)
+        done |= nxt == tok.eos_token_id
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    model.train()
+    hits = [tok.decode(a).strip() == chat[1]["content"] for a, chat in zip(answers, chats)]
+    return float(np.mean(hits))
 
 
 def open_clip_config(spec: VisionSpec, image_size: int, vocab: int) -> dict:

@@ -1,9 +1,10 @@
 """Scenes of the synthetic world and their captions (no pixels here).
 
 Owns: the world's closed vocabulary (shapes, colours, counts, 3x3 grid positions, caption
-templates), sampling a scene from a numpy ``Generator`` and writing its caption. A scene is
-1-3 groups; each group is 1-3 objects of one shape and one colour in one grid cell; groups
-have distinct colours and distinct cells and are listed in reading order (top left first).
+templates, and the question words of ``lvlm.toy.vqa``), sampling a scene from a numpy ``Generator``
+and writing its caption. A scene is 1-3 groups; each group is 1-3 objects of one shape and one
+colour in one grid cell; groups have distinct colours and distinct cells and are listed in reading
+order (top left first).
 
 Assumes: every random choice goes through the given Generator, in a fixed order, so the same
 generator state always yields the same scene and caption. Captions are lowercase words and
@@ -139,7 +140,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> tuple[str, int]:
 
 
 def vocabulary() -> list[str]:
-    """Every word and punctuation token a caption (or a simple prompt) can contain, sorted."""
+    """Every word and punctuation token a caption, a simple prompt or a question (``lvlm.toy.vqa``) can
+    contain, sorted."""
     words: set[str] = set(EXTRA_WORDS)
     words.update(SHAPES)
     words.update(s + "s" for s in SHAPES)
@@ -150,4 +152,7 @@ def vocabulary() -> list[str]:
             words.update(split_words(phrase))
     for template in TEMPLATES:
         words.update(split_words(template.replace("{list}", " ").replace("{be}", " ")))
+    from lvlm.toy.vqa import TEMPLATE_WORDS  # the question templates (that module imports this one)
+
+    words.update(TEMPLATE_WORDS)
     return sorted(words)

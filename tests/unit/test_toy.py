@@ -100,6 +100,7 @@ def test_prepare_builds_loadable_backbones(assets):
     root, out = assets
     report = json.loads((out / "toy_report.json").read_text())
     assert report["llm"]["final_loss"] < report["llm"]["first_loss"]  # it learned from the text
+    assert report["llm"]["qa_documents"] == 100 and 0.0 <= report["llm"]["qa_accuracy"] <= 1.0  # + QA chats
     assert report["vision"]["final_loss"] < report["vision"]["first_loss"]
     lm = build_llm(LLMConfig(name_or_path=str(out / "llm")))
     assert lm.model_type == "llama" and lm.image_token_id == len(build_tokenizer())
