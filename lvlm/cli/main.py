@@ -13,6 +13,8 @@ commands:
   export hf RUN_DIR_OR_CHECKPOINT OUT_DIR   write a trained checkpoint as a transformers LlavaForConditionalGeneration
   info [CONFIG.yaml] [--world-size N] [--dotted.key value ...]   versions, devices, DeepSpeed ops; with a config:
                                             parameters and ZeRO memory per GPU
+  eval toy-vqa RUN_DIR_OR_CHECKPOINT [--questions PATH] [--limit N]   toy downstream benchmark (exact match)
+  ablate GRID.yaml [--dry-run] [--only CELL] [--dotted.key value ...]   run an ablation grid (base + axes)
 
 `lvlm <command> --help` shows a command's options."""
 
@@ -59,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         from lvlm.cli.info import main as info_main
 
         return info_main(rest)
-    print(f"lvlm: unknown command {command!r}; valid commands: train, mir, data, export, info\n\n{USAGE}",
+    if command == "ablate":
+        return __import__("lvlm.cli.ablate", fromlist=["main"]).main(rest)
+    if command == "eval":
+        return __import__("lvlm.cli.eval", fromlist=["main"]).main(rest)
+    print(f"lvlm: unknown command {command!r}; valid commands: train, mir, data, export, info, ablate, eval\n\n{USAGE}",
           file=sys.stderr)
     return 2
 
