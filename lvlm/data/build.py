@@ -40,7 +40,7 @@ from lvlm.config.schema import DataConfig
 from lvlm.data.collate import ImageTransform, collate
 from lvlm.data.mixture import Mixture, mix
 from lvlm.data.packing import RowFiller, packed_collate
-from lvlm.data.skips import PARTITIONED_REASONS, SkipCounter
+from lvlm.data.skips import PART_REASONS, PARTITIONED_REASONS, SkipCounter
 from lvlm.data.sources import CaptionSource, SampleRef, build_source
 from lvlm.data.stream import EmptySourceError, PrefixedSkips, global_stream  # noqa: F401 (re-exported)
 from lvlm.data.tokenize import SampleTokenizer
@@ -201,7 +201,7 @@ class TrainBatches(IterableDataset):
         stream walked, sample-level ones (tokenizer, decoding) over the samples this reader loaded."""
         if self.max_skip_fraction >= 1.0:
             return
-        counts = skips.as_dict()
+        counts = {r: n for r, n in skips.as_dict().items() if r.rsplit("/", 1)[-1] not in PART_REASONS}
         own = sum(n for r, n in counts.items() if r.rsplit("/", 1)[-1] in PARTITIONED_REASONS)
         shared = sum(counts.values()) - own
         if seen + shared < MIN_SEEN_FOR_SKIP_CHECK:
@@ -210,7 +210,7 @@ class TrainBatches(IterableDataset):
         if fraction > self.max_skip_fraction:
             raise TooManySkipsError(
                 f"{fraction:.1%} of the samples read were skipped, more than data.max_skip_fraction="
-                f"{self.max_skip_fraction}; skipped by reason: {counts}")
+                f"{self.max_skip_fraction}; skipped by reason: {skips.as_dict()}")
 
     def _tokenize(self, index: int, ref: SampleRef, skips: SkipCounter):
         """Load and tokenize one sample (None when it is dropped; the reason goes to ``skips``)."""

@@ -154,3 +154,21 @@ def test_too_many_bad_samples_fail_the_run(tok, mixed, tmp_path):
         list(islice(iter(loader(tok, mixture, max_skip=0.2)), 100))
     batches = list(islice(iter(loader(tok, mixture)), 100))          # limit 1.0: never fails, still counted
     assert batches[-1]["skipped"]["bad/empty_text"] > 100
+
+
+def test_images_dropped_past_max_images_are_not_skipped_samples(tok, tmp_path):
+    """max_images drops images, not documents: the drops are reported but never trip max_skip_fraction."""
+    from mixed_fixtures import document_members, image_bytes, image_seg, text_seg, write_tar
+
+    members = []
+    for d in range(12):  # [text, image, image, image, text] documents
+        key = f"three{d}"
+        segs = [text_seg(f"{key} start"), *(image_seg(f"img{i}.jpg") for i in range(3)), text_seg(f"{key} end")]
+        members += document_members(key, segs, {f"img{i}.jpg": image_bytes(3 * d + i) for i in range(3)})
+    write_tar(str(tmp_path / "three.tar"), members)
+    capped = {"docs": (InterleavedSourceConfig(format="webdataset", files=str(tmp_path / "three.tar"), max_images=1),
+                       1.0)}
+    batches = list(islice(iter(loader(tok, capped, max_skip=0.05)), 60))  # 240 documents: the check starts at 200
+    dropped = sum(n for r, n in batches[-1]["skipped"].items() if r.endswith("images_over_limit"))
+    assert dropped >= 2 * 200  # two images dropped per document read, far over 5% of the documents
+    assert all(b["num_samples"] == 4 for b in batches)
