@@ -64,6 +64,16 @@ def grid_side(n_in: int, name: str) -> int:
     return side
 
 
+def pooled_tokens(out_side: int, n_in: int, name: str) -> int:
+    """Tokens of a connector pooling the patch grid of ``n_in`` tokens to ``out_side`` x ``out_side``."""
+    side = grid_side(n_in, name)
+    if out_side > side:
+        raise ValueError(f"connector {name}: model.connector.tokens {out_side ** 2} ({out_side}x{out_side}) "
+                         f"exceeds the {side}x{side} patch grid ({n_in} tokens); pooling cannot add tokens: "
+                         f"use tokens <= {n_in}")
+    return out_side * out_side
+
+
 def to_grid(x: torch.Tensor, side: int) -> torch.Tensor:
     """[B, side*side, C] (row-major patches) -> [B, C, side, side]."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)

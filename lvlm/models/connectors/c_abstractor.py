@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvlm.models.connectors.base import Connector, grid_side, square_side, to_grid
+from lvlm.models.connectors.base import Connector, grid_side, pooled_tokens, square_side, to_grid
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -82,12 +82,7 @@ class CAbstractor(Connector):
         self.readout = nn.Sequential(nn.Linear(hidden, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def num_tokens(self, n_in: int) -> int:
-        side = grid_side(n_in, self.name)
-        if self.side > side:
-            raise ValueError(f"connector {self.name}: model.connector.tokens {self.side ** 2} "
-                             f"({self.side}x{self.side}) exceeds the {side}x{side} patch grid ({n_in} tokens); "
-                             f"pooling cannot add tokens: use tokens <= {n_in}")
-        return self.side * self.side
+        return pooled_tokens(self.side, n_in, self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n_in, in] -> [B, tokens, out]
         self.num_tokens(x.shape[1])
