@@ -264,6 +264,73 @@ def test_blockwise_gram_and_both_root_factors() -> None:
     assert f.shape[1] < 40 and torch.allclose(f @ f.T, singular, atol=1e-10)  # fell back to eigh
 
 
+@pytest.mark.parametrize("rank_v", [None, 40, 12, 3])
+def test_gram_shortcut_is_within_its_tolerance_of_the_svd(monkeypatch: pytest.MonkeyPatch, rank_v) -> None:
+    """rows < d: the M M^T eigenvalue shortcut is used only when its error bound allows; either way the
+    FD equals the SVD-only FD to GRAM_ROUTE_REL_TOL (full rank: shortcut taken; rank 3: SVD taken)."""
+    from lvlm.mir import distance
+
+    svd_shapes: list[tuple[int, ...]] = []
+    real = distance._NumpyOps.svdvals
+
+    def counting(m):  # noqa: ANN001
+        svd_shapes.append(m.shape)
+        return real(m)
+
+    monkeypatch.setattr(distance._NumpyOps, "svdvals", staticmethod(counting))
+    vs, ts = _layers(29, 1, r=60, s=90, d=128, rank_v=rank_v)
+    fd = layer_distance(vs[0], ts[0])
+    took_svd = bool(svd_shapes)
+    monkeypatch.setattr(distance, "GRAM_ROUTE_REL_TOL", 0.0)            # forces the SVD
+    svd_shapes.clear()
+    fd_svd = layer_distance(vs[0], ts[0])
+    assert svd_shapes == [(60, 90)]
+    assert abs(fd - fd_svd) <= 1e-7 * abs(fd_svd)
+    if rank_v is None:
+        assert not took_svd and fd == pytest.approx(fd_svd, rel=1e-12)  # shortcut taken, and exact here
+    if rank_v == 3:
+        assert took_svd                                                 # 56 null directions: bound too big
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("cross", ["exact", "paper-fast"])
+def test_numpy_and_torch_backends_agree(name: str, cross: str) -> None:
+    """The CPU route (numpy LAPACK) and the torch route (used on CUDA) give the same cross term."""
+    from lvlm.mir import distance
+
+    vs, ts = _layers(37, 1, **CASES[name])
+    v, t = preprocess(vs[0], ts[0])
+    xc, yc = v - v.mean(0), t - t.mean(0)
+    rest = float((v.mean(0) - t.mean(0)).square().sum() + xc.square().sum() / (len(v) - 1)
+                 + yc.square().sum() / (len(t) - 1))
+    via_torch = distance.cross_term(xc, yc, cross, fd_rest=rest)
+    via_numpy = distance.cross_term(xc.numpy(), yc.numpy(), cross, fd_rest=rest)
+    assert via_numpy == pytest.approx(via_torch, rel=1e-10)
+    if cross == "exact":
+        sv, st = np.cov(v.numpy(), rowvar=False), np.cov(t.numpy(), rowvar=False)
+        ref = float(np.real(np.trace(scipy.linalg.sqrtm(sv @ st))))
+        assert via_numpy == pytest.approx(ref, rel=1e-7)
+
+
+def test_inputs_are_never_modified() -> None:
+    """Outlier replacement and centring work in place on an owned copy, never on the caller's rows."""
+    c = CASES["rows>dim"]
+    vs, ts = _layers(41, 2, **c)
+    vs[0][3] *= 500.0                                                   # an outlier row in each modality
+    ts[0][5] *= 500.0
+    keep_v, keep_t = [v.copy() for v in vs], [t.copy() for t in ts]
+    tv, tt = [torch.from_numpy(v.copy()) for v in vs], [torch.from_numpy(t.copy()) for t in ts]
+    a = compute_mir(vs, ts)
+    b = compute_mir(tv, tt)
+    assert a.per_layer == b.per_layer
+    for got, want in zip(vs + ts, keep_v + keep_t):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(tv + tt, keep_v + keep_t):
+        np.testing.assert_array_equal(got.numpy(), want)
+    f32 = compute_mir([torch.from_numpy(v).float() for v in vs], [torch.from_numpy(t).float() for t in ts])
+    assert f32.mir == pytest.approx(a.mir, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- probe collection
 class _FakeLVLM:
     """hidden_states[k] = table_k[input_ids] + k * pixel mean: deterministic, different per layer."""
