@@ -95,20 +95,13 @@ def rebuild(cfg: Config, ckpt: Path):
     """(model in eval mode, tokenizer): built from config under the run's seed, as training built it (so
     the rows a frozen LLM gets for the added ``<image>`` token are the training-time ones), then the
     trained weights are loaded. Refuses when a part with no pretrained weights was not trained."""
-    from lvlm.models.build import build_lvlm
-    from lvlm.train.checkpoint import load_trained_weights
+    from lvlm.train.checkpoint import build_as_trained, load_stage_weights
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model, _, tokenizer = build_lvlm(cfg.model)
-    from lvlm.train import lora
-
-    try:
-        loaded = set(load_trained_weights(model, ckpt))
+    model, _, tokenizer = build_as_trained(cfg)
+    try:  # a LoRA stage that kept its adapters apart is exported with them merged
+        loaded = set(load_stage_weights(model, ckpt))
     except ValueError as e:  # weights the config's model lacks
         raise ExportError(str(e)) from e
-    if lora.load_adapter(model, ckpt):  # a LoRA stage that kept its adapters apart: export them merged
-        loaded |= set(lora.merge_into_base(model))
     random_parts = ["connector."] + (["vision."] if cfg.model.vision.random_init else [])
     random_parts += ["llm."] if cfg.model.llm.random_init else []
     unset = [n for n, _ in model.named_parameters() if n.startswith(tuple(random_parts)) and n not in loaded]

@@ -131,21 +131,35 @@ def load_trained_weights(model, ckpt_dir: Path) -> list[str]:
     return sorted(weights)
 
 
-def load_checkpoint_model(cfg, ckpt_dir: Path, device: torch.device | str | None = None):
-    """(model, image_transform) of a trained checkpoint, for evaluation: ``cfg.model`` (``toy://`` paths
-    already resolved) built under ``cfg.seed`` exactly as training built it, so the rows a frozen LLM got
-    for the added ``<image>`` token are the training-time ones, then ``trainable.safetensors`` loaded (and
-    LoRA adapters kept apart under ``lora_adapter/``, merged in); on ``device`` (default: cuda when
-    available) in eval mode."""
+def build_as_trained(cfg):
+    """(model, image_transform, tokenizer) built from ``cfg.model`` (``toy://`` paths already resolved) under
+    ``cfg.seed`` exactly as training built it, so the rows a frozen LLM got for the added ``<image>`` token
+    (and any randomly initialised part) are the training-time ones. The global RNG is left untouched."""
     from lvlm.models.build import build_lvlm
-    from lvlm.train import lora
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model, transform, _ = build_lvlm(cfg.model)
-    load_trained_weights(model, ckpt_dir)
+        return build_lvlm(cfg.model)
+
+
+def load_stage_weights(model, ckpt_dir: Path) -> list[str]:
+    """A checkpoint's weights into a freshly built model: ``trainable.safetensors``, then the LoRA adapters a
+    stage kept apart under ``lora_adapter/`` (if any) merged into their base layers. Returns the names of
+    every parameter that now holds checkpoint values."""
+    from lvlm.train import lora
+
+    names = load_trained_weights(model, ckpt_dir)
     if lora.load_adapter(model, ckpt_dir):
-        lora.merge_into_base(model)
+        names += lora.merge_into_base(model)
+    return names
+
+
+def load_checkpoint_model(cfg, ckpt_dir: Path, device: torch.device | str | None = None):
+    """(model, image_transform) of a trained checkpoint, for evaluation: built as training built it
+    (``build_as_trained``), its weights loaded (``load_stage_weights``), on ``device`` (default: cuda when
+    available) in eval mode."""
+    model, transform, _ = build_as_trained(cfg)
+    load_stage_weights(model, ckpt_dir)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(torch.device(device)).eval(), transform

@@ -243,9 +243,7 @@ def _init_from(model, init_from: str) -> list[str]:
     if not init_from:
         return []
     _, ckpt = checkpoint.find_checkpoint(init_from)
-    names = checkpoint.load_trained_weights(model, ckpt)
-    if lora.load_adapter(model, ckpt):
-        names += lora.merge_into_base(model)
+    names = checkpoint.load_stage_weights(model, ckpt)
     log.info("stage starts from %s: %d weight tensors loaded", ckpt, len(names))
     return names
 
