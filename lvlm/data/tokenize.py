@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lvlm.data.chat import is_chat, render_chat
-from lvlm.data.sample import ImageSegment, Sample, TextSegment
+from lvlm.data.sample import ImageSegment, Sample, Segment, TextSegment
 from lvlm.data.skips import SkipCounter
 
 IGNORE_INDEX = -100
@@ -98,15 +98,43 @@ class SampleTokenizer:
         return [int(i) for i in ids if i != self.image_token_id]
 
     def __call__(self, sample: Sample, skips: Optional[SkipCounter] = None) -> Optional[TokenizedSample]:
+        segments = sample.segments
+        if is_chat(segments):
+            segments = render_chat(segments, self.tokenizer, self.system_prompt)
+        try:
+            ids, labels, images = self._layout(segments)
+        except TypeError as e:
+            raise TypeError(f"sample {sample.key!r}: {e}") from None
+        reason = None
+        if sample.num_images > 0 and not images:
+            reason = "image_exceeds_max_length"
+        elif all(label == IGNORE_INDEX for label in labels):
+            reason = "no_supervised_tokens"
+        if reason is not None:
+            if skips is not None:
+                skips.add(reason)
+            return None
+        return TokenizedSample(input_ids=ids, labels=labels, images=images, key=sample.key, source=sample.source)
+
+    def prompt(self, segments: list[Segment]) -> tuple[list[int], list[ImageSegment]]:
+        """(ids, images) of a generation prompt: chat turns rendered with the template's generation prompt
+        (the assistant's answer left to generate), laid out exactly as a training sample is (BOS,
+        ``tokens_per_image`` placeholders per image, text by ``encode_text``), so an evaluator asks what
+        SFT trained on."""
+        if is_chat(segments):
+            segments = render_chat(segments, self.tokenizer, self.system_prompt, add_generation_prompt=True)
+        ids, _, images = self._layout(segments)
+        return ids, images
+
+    def _layout(self, segments: list[Segment]) -> tuple[list[int], list[int], list[ImageSegment]]:
+        """ids, labels and images of already formatted segments, cut at ``max_length`` (an image span is
+        never split: it and everything after it is dropped)."""
         ids: list[int] = []
         labels: list[int] = []
         images: list[ImageSegment] = []
         if self.bos_token_id is not None:
             ids.append(self.bos_token_id)
             labels.append(IGNORE_INDEX)
-        segments = sample.segments
-        if is_chat(segments):
-            segments = render_chat(segments, self.tokenizer, self.system_prompt)
         ends_turn = _turn_ends(segments)
         for segment, end in zip(segments, ends_turn):
             room = self.max_length - len(ids)
@@ -114,7 +142,7 @@ class SampleTokenizer:
                 break
             if isinstance(segment, ImageSegment):
                 if self.tokens_per_image > room:
-                    break  # never split an image span: drop it and everything after it
+                    break
                 ids.extend([self.image_token_id] * self.tokens_per_image)
                 labels.extend([IGNORE_INDEX] * self.tokens_per_image)
                 images.append(segment)
@@ -131,16 +159,5 @@ class SampleTokenizer:
                 if len(text_ids) > room:
                     break
             else:
-                raise TypeError(
-                    f"sample {sample.key!r}: unsupported segment type {type(segment).__name__}"
-                )
-        reason = None
-        if sample.num_images > 0 and not images:
-            reason = "image_exceeds_max_length"
-        elif all(label == IGNORE_INDEX for label in labels):
-            reason = "no_supervised_tokens"
-        if reason is not None:
-            if skips is not None:
-                skips.add(reason)
-            return None
-        return TokenizedSample(input_ids=ids, labels=labels, images=images, key=sample.key, source=sample.source)
+                raise TypeError(f"unsupported segment type {type(segment).__name__}")
+        return ids, labels, images

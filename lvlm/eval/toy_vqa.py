@@ -3,7 +3,7 @@
 Owns: reading the questions (LLaVA-style records with a ``type``, by default the toy world's
 ``vqa/val.json`` with images in ``vqa/images``, see ``lvlm.toy.vqa``) through the same source as
 training (``lvlm.data.sources.llava_json``), building each prompt as the SFT data path does (the
-sample's segments before its answer, laid out by ``lvlm.data.chat.render_chat`` with the generation
+sample's segments before its answer, laid out by ``SampleTokenizer.prompt``: the chat template's generation
 prompt, BOS when the LLM takes one, each image as ``tokens_per_image`` placeholders), greedy decoding
 of at most ``max_new_tokens`` tokens (stopping at EOS; repeated full forward passes, no KV cache), the
 answer normaliser (lowercase, punctuation removed, whitespace collapsed), the scores and ``toy_vqa.json``
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lvlm.data.chat import render_chat
-from lvlm.data.sample import ImageSegment, Segment, TextSegment
+from lvlm.data.sample import Segment, TextSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.sources.llava_json import LLaVAJsonSource
 from lvlm.data.tokenize import SampleTokenizer
@@ -91,20 +90,6 @@ def load_questions(path: str | Path, image_folder: str | Path | None = None, lim
     return out
 
 
-def prompt_ids(segments: list[Segment], encoder: SampleTokenizer) -> tuple[list[int], list[ImageSegment]]:
-    """Token ids of an already chat-formatted prompt, laid out as ``SampleTokenizer`` lays out a sample:
-    BOS (when set), ``tokens_per_image`` placeholders per image, text by ``encoder.encode_text``."""
-    ids = [] if encoder.bos_token_id is None else [encoder.bos_token_id]
-    images = []
-    for seg in segments:
-        if isinstance(seg, ImageSegment):
-            ids += [encoder.image_token_id] * encoder.tokens_per_image
-            images.append(seg)
-        else:
-            ids += encoder.encode_text(seg.text)
-    return ids, images
-
-
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, max_new_tokens: int,
                   eos_token_id: int | None) -> list[list[int]]:
@@ -130,9 +115,9 @@ def predict(model, image_transform, questions: list[Question], *, system_prompt:
     """(predicted answer per question, the first prompt as text); batches of equal-length prompts."""
     tok, llm = model.llm.tokenizer, model.llm
     encoder = SampleTokenizer(tok, image_token_id=model.image_token_id, tokens_per_image=model.tokens_per_image,
-                              max_length=1 << 30, bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id)
-    prompts = [prompt_ids(render_chat(q.prompt, tok, system_prompt, add_generation_prompt=True), encoder)
-               for q in questions]
+                              max_length=1 << 30, bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id,
+                              system_prompt=system_prompt)
+    prompts = [encoder.prompt(q.prompt) for q in questions]
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i][0]), i))
     predictions = [""] * len(prompts)

@@ -146,9 +146,7 @@ def test_normalizer_and_scores():
 def test_prompt_is_the_sft_sample_up_to_its_answer(world):
     """The evaluator asks exactly what SFT trains on: its prompt ids are the tokenized training sample's
     ids up to the first supervised label (the answer)."""
-    from lvlm.data.chat import render_chat
     from lvlm.data.tokenize import SampleTokenizer
-    from lvlm.eval.toy_vqa import prompt_ids
 
     out, _ = world
     tok = build_tokenizer()
@@ -157,7 +155,7 @@ def test_prompt_is_the_sft_sample_up_to_its_answer(world):
                               max_length=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     for q in load_questions(out / "vqa/val.json", limit=8):
         full = encoder(Sample([*q.prompt, TextSegment(q.answer, role="assistant")]))
-        ids, images = prompt_ids(render_chat(q.prompt, tok, add_generation_prompt=True), encoder)
+        ids, images = encoder.prompt(q.prompt)
         first_label = next(i for i, label in enumerate(full.labels) if label != -100)
         assert ids == full.input_ids[:first_label] and len(images) == 1
         assert tok.decode(full.input_ids[first_label:]) == f"{q.answer} </s>"
