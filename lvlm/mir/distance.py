@@ -1,10 +1,11 @@
 """Per-layer MIR maths: text-centric normalisation, outlier replacement and the Frechet distance.
 
 Owns the numerical core of the Modality Integration Rate (PAPERS.md section 1, "The computation"):
-steps 2-5 for ONE layer. Everything runs in float64 on the device the input lives on: torch.linalg
-on CUDA; on CPU the dense products and factorizations go through numpy's LAPACK/BLAS (its syrk and
-symmetric eigensolver beat torch's CPU ones ~2x here). numpy arrays are accepted. No scipy, no
-general (non-symmetric) matrix square root.
+steps 2-5 for ONE layer. Everything runs in float64 on the device the input lives on, with torch; on
+CPU the rows >= d route (two d x d Gram matrices, a Cholesky factor, one d x d eigensolve) goes through
+numpy's LAPACK/BLAS instead, whose syrk and symmetric eigensolver beat torch's CPU ones ~2x here (for
+rows < d torch is as fast and steadier). numpy arrays are accepted. No scipy, no general
+(non-symmetric) matrix square root.
 
 Assumes rows are already pooled over the probe set: vision [r, d] are the image-token hidden
 states, text [s, d] the positions after the image span, both from the same hidden_states index.
@@ -324,7 +325,8 @@ def frechet_distance(vision: ArrayLike, text: ArrayLike, cross: str = "exact") -
 
 def _frechet(vision: tuple[torch.Tensor, torch.Tensor], text: tuple[torch.Tensor, torch.Tensor],
              cross: str, scale: float = 1.0) -> float:
-    """FD from (mean [d], centred rows [n, d]) per modality, float64 on one device; CPU maths in numpy.
+    """FD from (mean [d], centred rows [n, d]) per modality, float64 on one device (the rows >= d route
+    on CPU in numpy).
 
     scale a: the FD of the rows multiplied by a, without forming them. Means, traces and the exact
     cross term scale by a^2; paper-fast's Tr(Sv St) by a^4 (it is not a distance, hence not homogeneous).
@@ -334,8 +336,8 @@ def _frechet(vision: tuple[torch.Tensor, torch.Tensor], text: tuple[torch.Tensor
     sq_v = torch.linalg.vector_norm(xc) ** 2 / (xc.shape[0] - 1)        # Tr Sv, no [n, d] temporary
     sq_t = torch.linalg.vector_norm(yc) ** 2 / (yc.shape[0] - 1)
     rest = float(diff @ diff + sq_v + sq_t)
-    if xc.device.type == "cpu":
-        xc, yc = xc.numpy(), yc.numpy()
+    if xc.device.type == "cpu" and min(xc.shape[0], yc.shape[0]) >= xc.shape[1]:
+        xc, yc = xc.numpy(), yc.numpy()  # the d x d route: numpy's syrk and eigensolver win on CPU
     c = cross_term(xc, yc, cross, fd_rest=rest)
     a2 = scale * scale
     return a2 * rest - 2.0 * c * (a2 if cross == "exact" else a2 * a2)
