@@ -366,9 +366,7 @@ class StageConfig:
 class TrainConfig:
     """Steps, batch shape, distribution and checkpointing."""
 
-    max_steps: int = 3000
-    """Optimizer steps. The embedded default's 3,000 is a LLaVA-1.5-length stage 1 (2,181 steps of 256 there):
-    long enough for the toy's MIR to fall below its step-0 value, as the MIR paper reports."""
+    max_steps: int = 300
     micro_batch_size: int = 16
     """Samples per rank per forward pass."""
     grad_accum: int = 1
@@ -379,7 +377,7 @@ class TrainConfig:
     """fp32 or bf16."""
     activation_checkpointing: bool = False
     """Recompute LLM decoder layers in backward."""
-    save_every: int = 500
+    save_every: int = 100
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_last: int = 2
     """Complete checkpoints kept on disk."""
@@ -397,7 +395,7 @@ LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence a
 class MIRConfig:
     """MIR (Modality Integration Rate) on a fixed probe set of images paired with unrelated texts."""
 
-    every: int = 250
+    every: int = 100
     """Compute MIR before training, every N steps and at the end (0 = never during training)."""
     num_samples: int = 100
     """Probe size N (the paper's default; stable from N >= 20)."""
