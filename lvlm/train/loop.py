@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from lvlm.config.schema import Config
-from lvlm.data.build import build_train_loader
+from lvlm.data.build import build_train_loader, stop_workers
 from lvlm.data.skips import merge_skip_counts
 from lvlm.models.build import build_lvlm
 from lvlm.models.lvlm import IGNORE_INDEX
@@ -205,7 +205,7 @@ def train(cfg: Config) -> Summary:
             if probe is not None and (done or (step + 1) % cfg.mir.every == 0):
                 measure_mir(step + 1)
             if stop > 0 and not done:
-                batches = None  # stop the data workers first: from here their exit is no longer an error
+                stop_workers(batches)  # stop the data workers first: from here their exit is no longer an error
             if done or stop > 0 or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
                 client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
                 path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last, carried)
@@ -215,6 +215,8 @@ def train(cfg: Config) -> Summary:
                 log.info("preemption signal (%s): checkpoint at step %d saved; exiting. Relaunch the same command "
                          "to resume.", preempt.signal_name or "on another rank", step + 1)
                 break
+    stop_workers(batches)  # now, not at interpreter exit (where they would outlive SIGTERM, see stop_workers)
+    batches = None
     if bar is not None:
         bar.close()
     summary.seconds = time.perf_counter() - t_start

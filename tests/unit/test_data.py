@@ -254,6 +254,23 @@ def test_workers_match_in_process_and_resume_is_exact(tok, clean_shards):
     assert_same_batches(take(make_loader(tok, cfg, workers=2, batch=3, start=5), 4), reference[5:])
 
 
+def test_stop_workers_ends_them_now(tok, clean_shards):
+    """Training ends its data workers explicitly: otherwise they live until interpreter exit, where the
+    SIGTERM multiprocessing sends them is outlived by WORKER_GRACE_S (every run's exit took 2 minutes)."""
+    import multiprocessing
+
+    from lvlm.data.build import stop_workers
+
+    batches = iter(make_loader(tok, WebDatasetSourceConfig(shards=clean_shards[0]), workers=2, batch=3))
+    next(batches)
+    workers = list(batches._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    stop_workers(batches)
+    assert not any(w.is_alive() for w in workers)
+    assert not [p for p in multiprocessing.active_children() if p in workers]
+    stop_workers(iter(make_loader(tok, WebDatasetSourceConfig(shards=clean_shards[0]), workers=0)))  # no-op
+
+
 def test_bad_data_is_skipped_and_counted(tmp_path, tok):
     d = str(tmp_path)
     corrupt = ("0000004", {"jpg": b"\xff\xd8\xff\xe0" + b"\x00garbage" * 8, "txt": b"a red cat"})
