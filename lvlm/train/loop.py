@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,9 @@ def train(cfg: Config) -> Summary:
     per_worker: dict[int, dict] = {}  # cumulative skip counts of each of this rank's data workers
     workers = max(1, cfg.data.num_workers)
     preempt = PreemptionFlag()
-    with preempt:
+    with preempt, ExitStack() as cleanup:
+        # end the data workers when training ends, also on an error (see stop_workers)
+        cleanup.callback(stop_workers, batches)
         for step in range(start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
@@ -215,8 +218,6 @@ def train(cfg: Config) -> Summary:
                 log.info("preemption signal (%s): checkpoint at step %d saved; exiting. Relaunch the same command "
                          "to resume.", preempt.signal_name or "on another rank", step + 1)
                 break
-    stop_workers(batches)  # now, not at interpreter exit (where they would outlive SIGTERM, see stop_workers)
-    batches = None
     if bar is not None:
         bar.close()
     summary.seconds = time.perf_counter() - t_start
