@@ -26,10 +26,11 @@ def main(argv: list[str]) -> int:
 
     from lvlm.config import ConfigError, load_config
     from lvlm.train.checkpoint import find_checkpoint
+    from lvlm.train.rundir import config_file
 
     try:
-        run_dir, ckpt = find_checkpoint(target)
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        _, ckpt = find_checkpoint(target)
+        cfg = load_config(config_file(ckpt), overrides)
     except (FileNotFoundError, ConfigError) as e:
         print(f"lvlm mir: {e}", file=sys.stderr)
         return 2

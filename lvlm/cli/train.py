@@ -44,7 +44,11 @@ def main(argv: list[str]) -> int:
     from lvlm.train.loop import train
 
     cfg = toy.resolve_config(cfg)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except ConfigError as e:  # e.g. resuming under a changed config: refused before any work
+        print(f"lvlm train: config error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
     shutdown()
@@ -61,9 +65,13 @@ def _run_pipeline(pipeline) -> int:
     from lvlm.train.pipeline import run_pipeline
 
     pipeline.stages = [(name, toy.resolve_config(cfg)) for name, cfg in pipeline.stages]
-    for summary in run_pipeline(pipeline, train):
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(format_summary(summary))
+    try:
+        for summary in run_pipeline(pipeline, train):
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(format_summary(summary))
+    except ConfigError as e:
+        print(f"lvlm train: config error: {e}", file=sys.stderr)
+        return 2
     shutdown()
     return 0
 

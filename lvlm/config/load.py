@@ -288,7 +288,7 @@ def validate(cfg: Config) -> Config:
     _one_of("mir.cross", cfg.mir.cross, ("exact", "paper-fast"))
     _positive("mir.every", cfg.mir.every, allow_zero=True)
     _positive("mir.batch_size", cfg.mir.batch_size)
-    _one_of("resume", str(cfg.resume).lower(), ("auto", "true", "false"))
+    _one_of("resume", str(cfg.resume).lower(), ("auto", "true", "false", "force"))
     _one_of("track.wandb_mode", cfg.track.wandb_mode, ("online", "offline", "disabled"))
     if cfg.track.wandb and not cfg.track.wandb_project:
         raise ConfigError("track.wandb is true but track.wandb_project is empty; name a project "

@@ -446,8 +446,11 @@ class Config:
     seed: int = 0
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in run_dir when there is one (so relaunching a
-    preempted run's command resumes it); true: the same, and say so when there is none; false: start
-    fresh even if run_dir holds checkpoints."""
+    preempted run's command resumes it), refused before any work if the config differs from the one that
+    checkpoint was trained with (except track, mir, run_dir, resume, data.num_workers and the
+    train.save_every/keep_last/log_every/progress/activation_checkpointing keys); true: the same, and say
+    so when there is none; force: continue even under a changed config (the differences are recorded in
+    env.json); false: start fresh, moving an earlier run's files in run_dir to run_dir/superseded/<time>/."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -144,9 +144,10 @@ def evaluate(checkpoint: str | Path, questions: str | Path | None = None, limit:
     from lvlm import toy
     from lvlm.config import load_config
     from lvlm.train.checkpoint import find_checkpoint, load_checkpoint_model
+    from lvlm.train.rundir import config_file
 
-    run_dir, ckpt = find_checkpoint(checkpoint)
-    cfg = load_config(run_dir / "config.yaml")
+    _, ckpt = find_checkpoint(checkpoint)
+    cfg = load_config(config_file(ckpt))
     cfg = dataclasses.replace(cfg, model=toy.resolve_config(cfg.model))
     path = Path(toy.resolve(str(questions) if questions else DEFAULT_QUESTIONS))
     items = load_questions(path, image_folder, limit)

@@ -84,9 +84,10 @@ def load_run(ckpt_or_run_dir: str | Path) -> tuple[Config, Path]:
     from lvlm import toy
     from lvlm.config import load_config
     from lvlm.train.checkpoint import find_checkpoint
+    from lvlm.train.rundir import config_file
 
-    run_dir, ckpt = find_checkpoint(ckpt_or_run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    _, ckpt = find_checkpoint(ckpt_or_run_dir)
+    cfg = load_config(config_file(ckpt))
     check_exportable(cfg.model)
     return dataclasses.replace(cfg, model=toy.resolve_config(cfg.model)), ckpt
 

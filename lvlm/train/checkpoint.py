@@ -2,9 +2,10 @@
 step and config (ours).
 
 Layout: ``RUN_DIR/checkpoints/step_00000100/`` holds DeepSpeed's files, one ``rng_rank{r}.json``
-per rank and, written last by rank 0 after every rank has finished, ``COMPLETE``. Only
-directories with ``COMPLETE`` are ever resumed from, so a checkpoint half-written when a run
-died is never taken as the latest. ``checkpoints/latest`` names the newest complete one.
+per rank, ``config.yaml`` (the config it was trained with) and, written last by rank 0 after every rank
+has finished, ``COMPLETE``. Only directories with ``COMPLETE`` are ever resumed from, so a checkpoint
+half-written when a run died is never taken as the latest. ``checkpoints/latest`` names the newest
+complete one.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int,
-         carried: frozenset[str] = frozenset()) -> Path:
-    """Write a checkpoint collectively; mark it complete and prune old ones (rank 0)."""
+         carried: frozenset[str] = frozenset(), config_yaml: str | None = None) -> Path:
+    """Write a checkpoint collectively; mark it complete and prune old ones (rank 0). ``config_yaml``: the
+    run's resolved config, kept as ``config.yaml`` in the checkpoint (what a resume is checked against)."""
     ckpt_dir = run_dir / "checkpoints"
     tag = tag_for(step)
     path = ckpt_dir / tag
@@ -79,6 +81,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int,
     (path / f"rng_rank{engine.rank}.json").write_text(json.dumps(rng_state()))
     engine.barrier()
     if engine.rank == 0:
+        if config_yaml is not None:
+            (path / "config.yaml").write_text(config_yaml)
         (path / COMPLETE).write_text(json.dumps({"step": step}))
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)

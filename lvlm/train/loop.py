@@ -25,7 +25,7 @@ from lvlm.models.lvlm import IGNORE_INDEX
 from lvlm.track import Tracker
 from lvlm.train import checkpoint, engine as eng, lora, stages
 from lvlm.train.preempt import PreemptionFlag
-from lvlm.train.rundir import write_run_record
+from lvlm.train.rundir import check_resume, supersede, write_run_record
 
 log = logging.getLogger("lvlm.train")
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids", "sequence_ids")
@@ -77,6 +77,7 @@ def train(cfg: Config) -> Summary:
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     seed_everything(cfg.seed)
+    changes = _prepare_run_dir(cfg, run_dir, rank, world)
 
     log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
@@ -101,7 +102,7 @@ def train(cfg: Config) -> Summary:
         elif str(cfg.resume).lower() == "true":
             log.info("resume requested but no complete checkpoint in %s: starting fresh", run_dir / "checkpoints")
     if rank == 0:
-        write_run_record(run_dir, cfg, world, resumed_from)
+        write_run_record(run_dir, cfg, world, resumed_from, changes if resumed_from else None)
 
     accum = cfg.train.grad_accum
     loader = build_train_loader(
@@ -116,7 +117,8 @@ def train(cfg: Config) -> Summary:
 
     from lvlm.config import dump_config
 
-    metrics = Tracker(run_dir, cfg.track, config=yaml.safe_load(dump_config(cfg)), enabled=rank == 0)
+    config_yaml = dump_config(cfg)
+    metrics = Tracker(run_dir, cfg.track, config=yaml.safe_load(config_yaml), enabled=rank == 0)
     summary = Summary(run_dir=str(run_dir), steps=cfg.train.max_steps, resumed_from=resumed_from)
     probe = None
     if cfg.mir.every:
@@ -211,7 +213,8 @@ def train(cfg: Config) -> Summary:
                 stop_workers(batches)  # stop the data workers first: from here their exit is no longer an error
             if done or stop > 0 or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
                 client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
-                path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last, carried)
+                path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last, carried,
+                                       config_yaml=config_yaml)
                 log.info("checkpoint %s", path)
             if stop > 0 and not done:
                 summary.preempted = True
@@ -239,6 +242,25 @@ def train(cfg: Config) -> Summary:
 
         plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_mir.png")
     return summary
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, rank: int, world: int) -> list[str]:
+    """Before any work: refuse to resume under a changed config (``rundir.check_resume``), or for a fresh
+    start (``resume: false``) move an earlier run out of the way. Returns the config changes a
+    ``resume: force`` continues under ([] otherwise)."""
+    if str(cfg.resume).lower() == "false":
+        if rank == 0:
+            moved = supersede(run_dir)
+            if moved is not None:
+                log.info("resume false: the earlier run in %s moved to %s", run_dir, moved)
+        if world > 1:
+            torch.distributed.barrier()  # no rank writes into run_dir before the move
+        return []
+    _, changes = check_resume(run_dir, cfg)
+    if changes:
+        log.warning("resume force: continuing %s under a changed config (checkpoint -> now):\n  %s", run_dir,
+                    "\n  ".join(changes))
+    return changes
 
 
 def _init_from(model, init_from: str) -> list[str]:

@@ -1,5 +1,6 @@
 """Running a multi-stage pipeline (``lvlm.config.pipeline``): the stages in order, each from the previous one's
-weights; a stage whose final checkpoint exists is not run again, so relaunching a pipeline continues it.
+weights; a stage whose final checkpoint exists is not run again, so relaunching a pipeline continues it (refused
+when a stage's config changed since its checkpoints were written; ``resume: false`` runs every stage again).
 
 Writes ``RUN_DIR/pipeline.json``: ``{"stages": [{"name", "run_dir", "done", "steps"}, ...]}`` (rank 0), before
 the first stage and after each.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from lvlm.config.pipeline import Pipeline
 from lvlm.train import checkpoint
+from lvlm.train.rundir import check_resume
 
 log = logging.getLogger("lvlm.train")
 
@@ -32,12 +34,28 @@ def _write_status(pipeline: Pipeline) -> None:
     (pipeline.run_dir / "pipeline.json").write_text(json.dumps({"stages": status}, indent=2))
 
 
+def check_stages(pipeline: Pipeline) -> None:
+    """Before any stage runs: a stage with checkpoints (finished or not) whose config changed since is refused
+    (``rundir.check_resume``; ConfigError naming the stage), unless it starts over (``resume: false``)."""
+    from lvlm.config import ConfigError
+
+    for name, cfg in pipeline.stages:
+        if str(cfg.resume).lower() == "false":
+            continue
+        try:
+            check_resume(Path(cfg.run_dir), cfg)
+        except ConfigError as e:
+            raise ConfigError(f"pipeline stage '{name}': {e}") from None
+
+
 def run_pipeline(pipeline: Pipeline, train_fn) -> list:
-    """``train_fn(cfg)`` for every stage not yet done; returns the summaries of the stages run."""
+    """``train_fn(cfg)`` for every stage not yet done (every stage with ``resume: false``); returns the
+    summaries of the stages run."""
+    check_stages(pipeline)
     summaries = []
     _write_status(pipeline)
     for i, (name, cfg) in enumerate(pipeline.stages):
-        if stage_done(Path(cfg.run_dir), cfg.train.max_steps):
+        if str(cfg.resume).lower() != "false" and stage_done(Path(cfg.run_dir), cfg.train.max_steps):
             log.info("pipeline stage %d/%d '%s': done already (%s), skipped", i + 1, len(pipeline.stages), name,
                      cfg.run_dir)
             continue

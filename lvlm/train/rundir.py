@@ -1,7 +1,12 @@
-"""The run directory: resolved config, git commit, package versions, data recipe hash.
+"""The run directory: resolved config, git commit, package versions, data recipe hash; and what a run
+directory may be reused for.
 
 Written once by rank 0 when a run starts (a resumed run appends its start to ``env.json``'s
-``starts`` list rather than overwriting the record).
+``starts`` list rather than overwriting the record). Every checkpoint also holds the config it was trained
+with (``checkpoint.save``). Resuming continues the same run, so the config must match the checkpoint's in
+every key that changes what is trained (all but ``RESUME_FREE``); a fresh start (``resume: false``) in a
+used run directory first moves the earlier run's files to ``RUN_DIR/superseded/<time>/``, so nothing of
+it is lost and nothing of it mixes with the new run (checkpoints, metrics, plots).
 """
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from lvlm.config import dump_config
 from lvlm.config.schema import Config
@@ -51,12 +59,107 @@ def data_hash(cfg: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def write_run_record(run_dir: Path, cfg: Config, world_size: int, resumed_from: str | None) -> None:
+def write_run_record(run_dir: Path, cfg: Config, world_size: int, resumed_from: str | None,
+                     changes: list[str] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     env_file = run_dir / "env.json"
     record = json.loads(env_file.read_text()) if env_file.is_file() else {"starts": []}
     record.update(git_commit=git_commit(), packages=package_versions(), python=sys.version.split()[0],
                   platform=platform.platform(), data_hash=data_hash(cfg), world_size=world_size)
-    record["starts"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from": resumed_from})
+    start = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from": resumed_from}
+    if changes:
+        start["config_changes"] = changes  # resumed with `resume: force` under a changed config
+    record["starts"].append(start)
     env_file.write_text(json.dumps(record, indent=2))
+
+
+RECORDING_ONLY = ("run_dir", "resume", "track", "data.num_workers", "train.save_every", "train.keep_last",
+                  "train.log_every", "train.progress", "train.activation_checkpointing")
+"""Config keys (and sections) that change neither what is trained nor what is measured: where and how a run is
+recorded and checkpointed, and settings that leave every step's numbers the same (data order does not depend on
+the worker count; recomputed activations equal stored ones)."""
+RESUME_FREE = (*RECORDING_ONLY, "mir")
+"""Keys that may differ between a checkpoint and the run resuming from it: the recording-only ones and MIR (a
+measurement). Any other difference would make the resumed run something no single config describes."""
+SUPERSEDED = "superseded"
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_view(config: Config | dict, free: tuple[str, ...] = RESUME_FREE) -> dict[str, Any]:
+    """{dotted key: value} of ``config`` (a Config, or its YAML as a dict) without the keys / sections in
+    ``free``; by default what decides what is trained (all but RESUME_FREE)."""
+    tree = yaml.safe_load(dump_config(config)) if isinstance(config, Config) else config
+    return {k: v for k, v in _flat(tree).items() if not any(k == f or k.startswith(f + ".") for f in free)}
+
+
+def config_changes(recorded: Config | dict, current: Config | dict) -> list[str]:
+    """``key: recorded -> current`` for every training key that differs (sorted; [] when none)."""
+    old, new = config_view(recorded), config_view(current)
+    missing = object()
+    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
+
+
+def config_file(ckpt_dir: Path) -> Path:
+    """The file holding the config a checkpoint was trained with: its own ``config.yaml``, or for checkpoints
+    written before checkpoints held one, the run directory's (``RUN_DIR/config.yaml``, written at each start)."""
+    own = Path(ckpt_dir) / "config.yaml"
+    return own if own.is_file() else Path(ckpt_dir).parent.parent / "config.yaml"
+
+
+def recorded_config(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """(file, config as a dict) a checkpoint was trained with (``config_file``); None if neither file exists."""
+    path = config_file(ckpt_dir)
+    return (path, yaml.safe_load(path.read_text())) if path.is_file() else None
+
+
+def supersede(run_dir: Path) -> Path | None:
+    """Move everything in ``run_dir`` (an earlier run's checkpoints, metrics, plots, records) to
+    ``run_dir/superseded/<time>/``; returns that folder, or None when there was nothing to move."""
+    run_dir = Path(run_dir)
+    entries = [p for p in run_dir.iterdir() if p.name != SUPERSEDED] if run_dir.is_dir() else []
+    if not entries:
+        return None
+    dest = run_dir / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        n += 1
+    dest.mkdir(parents=True)
+    for p in entries:
+        p.rename(dest / p.name)
+    return dest
+
+
+def check_resume(run_dir: Path, cfg: Config) -> tuple[str | None, list[str]]:
+    """(newest complete checkpoint tag or None, config changes against it) before a run resumes in
+    ``run_dir``. Raises ConfigError when the config differs in a training key and ``resume`` is not
+    ``force``: resuming continues the same run, so a changed config would silently train under a
+    mix of two configs (or, if the old run had finished, train nothing and report the old result)."""
+    from lvlm.config import ConfigError
+    from lvlm.train.checkpoint import latest_tag
+
+    tag = latest_tag(Path(run_dir) / "checkpoints")
+    if tag is None:
+        return None, []
+    recorded = recorded_config(Path(run_dir) / "checkpoints" / tag)
+    changes = config_changes(recorded[1], cfg) if recorded is not None else []
+    if changes and str(cfg.resume).lower() != "force":
+        listed = "\n  ".join(changes)
+        raise ConfigError(
+            f"run_dir {run_dir} holds a run whose newest checkpoint ({tag}) was trained with a different "
+            f"config; resuming would continue that run under another one. Differences (checkpoint -> now):\n"
+            f"  {listed}\nChoose one: relaunch with the checkpoint's config ({recorded[0]}); a new --run_dir; "
+            f"--resume false (start over here: the earlier run moves to {Path(run_dir) / SUPERSEDED}/); "
+            f"--stage.init_from {Path(run_dir) / 'checkpoints' / tag} in a new run_dir (a new run from its weights); "
+            "or --resume force (continue anyway; the differences are recorded in env.json)")
+    return tag, changes

@@ -149,6 +149,44 @@ def test_kill_and_resume_reproduces_losses_exactly(tiny, tmp_path):
         assert got[step] == want[step], f"step {step}: resumed {got[step]!r} != uninterrupted {want[step]!r}"
 
 
+def test_reusing_a_run_dir_never_mixes_two_configs(tiny, tmp_path):
+    """Resuming under a changed training config is refused before any work (it would continue, or for a
+    finished run silently keep, what another config trained); recording-only keys may change; `resume force`
+    continues and records the differences; `resume false` moves the earlier run to superseded/ so its
+    checkpoints and metrics do not mix with the new run's (they did: the old run's later checkpoint stayed
+    the newest, and what `lvlm mir`/eval loaded)."""
+    from lvlm.train.checkpoint import find_checkpoint
+
+    run = tmp_path / "run"
+    base = [*LEARN, "--train.max_steps", "4", "--train.save_every", "2"]
+    run_train(tiny, run, base)
+    assert (run / "checkpoints" / "step_00000004" / "config.yaml").is_file()
+    before = (run / "config.yaml").read_text()
+
+    proc = subprocess.run(train_cmd(tiny, run, [*base, "--optim.lr", "1e-4"]), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "optim.lr: 0.003 -> 0.0001" in proc.stderr and "--resume false" in proc.stderr
+    assert "building model" not in proc.stderr  # refused before any work
+    assert (run / "config.yaml").read_text() == before
+    assert len(json.loads((run / "env.json").read_text())["starts"]) == 1
+
+    proc = run_train(tiny, run, [*base, "--train.log_every", "1", "--mir.every", "0", "--data.num_workers", "0"])
+    assert "resumed from step_00000004" in proc.stderr + proc.stdout
+
+    run_train(tiny, run, [*base, "--optim.lr", "1e-4", "--resume", "force"])
+    last = json.loads((run / "env.json").read_text())["starts"][-1]
+    assert last["resumed_from"] == "step_00000004" and last["config_changes"] == ["optim.lr: 0.003 -> 0.0001"]
+
+    proc = run_train(tiny, run, [*LEARN, "--train.max_steps", "2", "--resume", "false"])
+    (old,) = (run / "superseded").iterdir()
+    assert (old / "checkpoints" / "step_00000004" / COMPLETE).is_file() and (old / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert find_checkpoint(run)[1].name == "step_00000002"
+    assert sorted(losses(run)) == [1, 2]  # not the earlier run's steps 3-4
+    assert len(json.loads((run / "env.json").read_text())["starts"]) == 1
+
+
 def test_bf16_precision(tiny, tmp_path):
     run = tmp_path / "bf16"
     run_train(tiny, run, [*LEARN, "--train.max_steps", "10", "--train.precision", "bf16"])

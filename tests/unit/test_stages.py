@@ -3,6 +3,7 @@ the per-layer gradient check, stage-key validation, and pipeline files (merge ru
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +248,38 @@ def test_pipeline_errors_name_the_stage(tmp_path):
         load_pipeline(ok, ["--stages.sfx.optim.lr", "1"])
     with pytest.raises(ConfigError, match="non-empty mapping"):
         load_pipeline(write(tmp_path / "empty.yaml", "stages: {}\n"))
+
+
+def test_pipeline_refuses_a_finished_stage_whose_config_changed(tmp_path):
+    """A relaunched pipeline skips finished stages; if a stage's config changed since, skipping would keep
+    (and feed to the next stage) what another config trained, so it is refused before any stage runs."""
+    from lvlm.config import ConfigError, dump_config
+    from lvlm.config.pipeline import load_pipeline
+    from lvlm.train.checkpoint import COMPLETE, tag_for
+    from lvlm.train.pipeline import run_pipeline
+
+    pipe = write(tmp_path / "pipe.yaml", f"""
+        run_dir: {tmp_path / 'runs'}
+        train: {{max_steps: 2}}
+        stages:
+          align: {{}}
+          sft:
+            stage: {{train_llm: true}}
+        """)
+    ran = []
+
+    def fake_train(cfg):  # leaves the final checkpoint the loop would
+        ckpt = Path(cfg.run_dir) / "checkpoints" / tag_for(cfg.train.max_steps)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "config.yaml").write_text(dump_config(cfg))
+        (ckpt / COMPLETE).write_text("{}")
+        ran.append(cfg.stage.name)
+        return cfg.stage.name
+
+    assert run_pipeline(load_pipeline(pipe, []), fake_train) == ["align", "sft"]
+    assert run_pipeline(load_pipeline(pipe, ["--mir.every", "0", "--train.log_every", "1"]), fake_train) == []
+    with pytest.raises(ConfigError, match=r"stage 'sft'.*\n  optim.lr: 0.001 -> 1e-05"):
+        run_pipeline(load_pipeline(pipe, ["--stages.sft.optim.lr", "1e-5"]), fake_train)
+    assert ran == ["align", "sft"]  # refused before any stage ran
+    again = load_pipeline(pipe, ["--stages.sft.optim.lr", "1e-5", "--resume", "false"])
+    assert run_pipeline(again, fake_train) == ["align", "sft"]  # resume false: every stage again
