@@ -71,10 +71,6 @@ class Cell:
     settings: dict[str, Any]    # every dotted key this cell sets (grid overrides, CLI extras, axes)
     args: list[str] = field(default_factory=list)  # the same as `--key value` arguments (no --run_dir)
 
-    def digest(self, base: str) -> str:
-        """Identifies what the cell trains: the base as written in the grid plus its overrides."""
-        blob = json.dumps({"base": base, "overrides": self.args}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -99,6 +95,22 @@ class Grid:
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.run_dir / cell.name
+
+    def digest(self, cell: Cell) -> str:
+        """Identifies what a cell trains and measures: its config(s) as loaded (the base file's content and
+        everything it inherits, plus the cell's overrides), less the recording-only keys
+        (``lvlm.train.rundir.RECORDING_ONLY``: run_dir, resume, track, ...). Editing the base changes it."""
+        from lvlm.config import load_config
+        from lvlm.config.pipeline import load_pipeline
+        from lvlm.train.rundir import RECORDING_ONLY, config_view
+
+        args = [*cell.args, "--run_dir", str(self.cell_dir(cell))]
+        if self.is_pipeline:
+            stages = load_pipeline(self.base, args).stages
+            view: Any = [[name, config_view(cfg, RECORDING_ONLY)] for name, cfg in stages]
+        else:
+            view = config_view(load_config(self.base, args), RECORDING_ONLY)
+        return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def cells(self) -> list[Cell]:
         if self.mode == "zip":

@@ -55,7 +55,7 @@ def load_results(grid: Grid, cells: list[Cell]) -> list[dict]:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             r = {"status": "pending"}
-        if r.get("hash") not in (None, cell.digest(grid.base_as_written)):
+        if r.get("hash") not in (None, grid.digest(cell)):
             r = {"status": "pending (stale result)"}
         out.append({"cell": cell.name, "values": cell.values, **{k: v for k, v in r.items() if k != "values"}})
     return out

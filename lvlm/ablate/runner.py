@@ -3,8 +3,10 @@
 Per cell, in ``RUN_DIR/<cell>/`` (which is also the cell's training run dir, or its pipeline dir):
 ``cell.json`` (the resolved overrides and the command), ``train.log`` (the training's stdout and
 stderr, appended per attempt), then ``result.json`` (losses, MIR, score, seconds, status). A cell
-whose ``result.json`` has status ``ok`` and the same overrides hash is skipped; any other cell is
-run again, and its training resumes from its last complete checkpoint (``resume: auto``). Training
+whose ``result.json`` has status ``ok`` and the same config hash (``Grid.digest``: the cell's config as
+loaded, so editing the base counts) is skipped; any other cell is run again: under the same settings its
+training resumes from its last complete checkpoint (``resume: auto``); under changed settings the earlier
+attempt is moved to ``RUN_DIR/<cell>/superseded/<time>/`` and the cell starts over. Training
 runs as a subprocess (``python -m lvlm train`` or the grid's launcher prefix, which must block
 until training ends); scoring runs in this process.
 """
@@ -74,6 +76,17 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def previous_attempt(grid: Grid, cell: Cell) -> tuple[dict | None, str | None]:
+    """(result of the cell's last attempt or None, that attempt's config hash or None if there was none).
+    ``cell.json`` is written when an attempt starts, ``result.json`` when it ends: a result whose hash is not
+    the last started attempt's is from an earlier attempt and does not count."""
+    cell_dir = grid.cell_dir(cell)
+    result = _read_json(cell_dir / "result.json")
+    started = _read_json(cell_dir / "cell.json") or {}
+    attempt = started.get("hash", (result or {}).get("hash"))
+    return (result if result is not None and result.get("hash") == attempt else None), attempt
+
+
 def stage_dirs(grid: Grid, cell_dir: Path) -> list[tuple[str, Path, bool | None]]:
     """(stage name, run dir, done) of a cell: one unnamed stage for a plain config."""
     if not grid.is_pipeline:
@@ -129,12 +142,19 @@ def _log_tail(log: Path, start: int) -> str:
     return "\n".join(text.replace("\r", "\n").splitlines()[-LOG_TAIL:])
 
 
-def run_cell(grid: Grid, cell: Cell, scorer: Scorer | None, out=print, train: bool = True) -> dict:
-    """Train (unless ``train`` is False: re-score only), score and write ``result.json``."""
+def run_cell(grid: Grid, cell: Cell, scorer: Scorer | None, out=print, train: bool = True, fresh: bool = False,
+             digest: str | None = None) -> dict:
+    """Train (unless ``train`` is False: re-score only), score and write ``result.json``. ``fresh``: an earlier
+    attempt under other settings is moved to the cell's ``superseded/<time>/`` first, so training starts over
+    instead of resuming (which ``lvlm train`` would refuse under a changed config)."""
     cell_dir = grid.cell_dir(cell)
-    cell_dir.mkdir(parents=True, exist_ok=True)
     cmd = command(grid, cell)
-    digest = cell.digest(grid.base_as_written)
+    digest = digest or grid.digest(cell)
+    if fresh and train:
+        from lvlm.train.rundir import supersede
+
+        supersede(cell_dir)
+    cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "cell.json").write_text(json.dumps({
         "cell": cell.name, "values": cell.values, "overrides": cell.settings, "args": cell.args, "hash": digest,
         "base": str(grid.base), "command": cmd}, indent=2, default=str))
@@ -185,31 +205,35 @@ def run_grid(grid: Grid, only: str | None = None, dry_run: bool = False, scorer:
     selected = [c for c in cells if only is None or c.name == only]
     if dry_run:
         for i, cell in enumerate(selected, 1):
-            prev = _read_json(grid.cell_dir(cell) / "result.json") or {}
-            same = prev.get("hash") == cell.digest(grid.base_as_written)
-            state = prev.get("status", "pending") if same else "pending"
-            out(f"[{i}/{len(selected)}] {cell.name} ({state})\n    {shlex.join(command(grid, cell))}")
+            prev, prev_hash = previous_attempt(grid, cell)
+            same = prev_hash == grid.digest(cell)
+            state = (prev or {}).get("status", "pending") if same else "pending"
+            fresh = prev_hash is not None and not same
+            out(f"[{i}/{len(selected)}] {cell.name} ({state}{'; settings changed, starts over' if fresh else ''})"
+                f"\n    {shlex.join(command(grid, cell))}")
         return 0
     if scorer is None:
         scorer = default_scorer(grid.score.type)
     failed = []
     for i, cell in enumerate(selected, 1):
         head = f"[{i}/{len(selected)}] {cell.name}:"
-        prev = _read_json(grid.cell_dir(cell) / "result.json")
-        same = prev is not None and prev.get("hash") == cell.digest(grid.base_as_written)
-        if same and prev.get("status") == "ok":
+        digest = grid.digest(cell)
+        prev, prev_hash = previous_attempt(grid, cell)
+        same = prev_hash == digest
+        if same and prev is not None and prev.get("status") == "ok":
             if prev.get("score_spec") == dataclasses.asdict(grid.score):
                 out(f"{head} skip (done)")
                 continue
             out(f"{head} trained; scoring again ({grid.score.type})")
             result = run_cell(grid, cell, scorer, out, train=False)
         else:
-            if prev is not None and not same:
-                out(f"{head} overrides changed since the last attempt: running again (the run resumes from its "
-                    f"last checkpoint; delete {grid.cell_dir(cell)} for a fresh start)")
-            out(f"{head} training{' (again: last attempt ' + prev['status'] + ')' if same else ''} "
-                f"-> {grid.cell_dir(cell) / 'train.log'}")
-            result = run_cell(grid, cell, scorer, out)
+            fresh = prev_hash is not None and not same
+            if fresh:
+                out(f"{head} settings changed since the last attempt (config hash {prev_hash} -> {digest}): starting "
+                    f"over; the earlier attempt moves to {grid.cell_dir(cell) / 'superseded'}/")
+            again = f" (again: last attempt {(prev or {}).get('status', 'interrupted')})" if same else ""
+            out(f"{head} training{again} -> {grid.cell_dir(cell) / 'train.log'}")
+            result = run_cell(grid, cell, scorer, out, fresh=fresh, digest=digest)
         if result["status"] != "ok":
             failed.append(cell.name)
             out(f"{head} {result['status'].upper()} after {result['seconds']:.0f} s; last lines:\n"

@@ -52,8 +52,26 @@ def test_product_cells_names_and_overrides(tmp_path):
                          "--stage.train_llm", "true", "--optim.weight_decay", "0.1"]
     assert cells[2].settings["optim.lr"] == 5e-4 and cells[2].args[5] == "0.0005"  # YAML 1.1 reads 5e-4 as a str
     assert grid.paper == "MIR Table 3" and grid.cell_dir(full) == tmp_path / "runs" / full.name
-    assert full.digest("b") == load_grid(grid.path, ["--mir.every", "2"]).cells()[1].digest("b")
-    assert full.digest("b") != cells[0].digest("b")
+    again = load_grid(grid.path, ["--mir.every", "2"])
+    assert grid.digest(full) == again.digest(again.cells()[1]) and grid.digest(full) != grid.digest(cells[0])
+
+
+def test_digest_covers_the_base_content_not_its_path(tmp_path):
+    """Editing the base YAML (or a file it inherits) changes every cell's hash, so finished cells are not
+    kept with stale results; recording-only keys (logging, checkpoint cadence) do not change it."""
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE.read_text())
+    grid = load_grid(write_grid(tmp_path, "axes: {optim.lr: [1.0e-3, 5e-4]}\n", base=base))
+    before = [grid.digest(c) for c in grid.cells()]
+    assert len(set(before)) == 2
+    logged = load_grid(grid.path, ["--train.log_every", "3", "--train.save_every", "7", "--track.tensorboard", "true"])
+    assert [logged.digest(c) for c in logged.cells()] == before
+    base.write_text(BASE.read_text().replace("max_steps: 300", "max_steps: 301"))
+    assert "max_steps: 301" in base.read_text()
+    after = [grid.digest(c) for c in grid.cells()]
+    assert all(a != b for a, b in zip(after, before))
+    measured = load_grid(grid.path, ["--mir.num_samples", "20"])  # MIR is a cell's result: it counts
+    assert all(measured.digest(c) != d for c, d in zip(measured.cells(), after))
 
 
 def test_zip_mode_and_length_mismatch(tmp_path):
@@ -156,7 +174,7 @@ def fake_results(grid, rows):
         d = grid.cell_dir(cell)
         d.mkdir(parents=True)
         (d / "result.json").write_text(json.dumps({
-            "cell": cell.name, "hash": cell.digest(grid.base_as_written), "status": status, "first_loss": 5.0,
+            "cell": cell.name, "hash": grid.digest(cell), "status": status, "first_loss": 5.0,
             "final_loss": None if mir1 is None else 1.0 + mir1, "mir_first": mir0, "mir_final": mir1, "score": score,
             "per_type": {"color": score}, "seconds": 1.5}))
 
@@ -230,11 +248,19 @@ def test_runner_fails_continues_skips_and_retries(tmp_path, monkeypatch):
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert (tmp_path / "runs" / "mir_vs_score.png").is_file()
 
-    # a changed override changes the hash: that cell runs again
+    # a changed override changes the hash: that cell starts over, its earlier attempt kept under superseded/
     out.clear()
     changed = load_grid(path, ["--mir.every", "1"])
+    cell_dir = grid.cell_dir(grid.cells()[1])
     assert run_grid(changed, scorer=scorer, out=out.append, only="lr=1e-3__unlock=full") == 0
-    assert calls(grid)["lr=1e-3__unlock=full"] == 2 and "overrides changed" in out[0]
+    assert "settings changed" in out[0] and "starting over" in out[0]
+    assert calls(grid)["lr=1e-3__unlock=full"] == 1  # a fresh run dir, not the earlier run continued
+    (old,) = (cell_dir / "superseded").iterdir()
+    assert len((old / "calls.txt").read_text().splitlines()) == 1 and (old / "result.json").is_file()
+    assert json.loads((cell_dir / "result.json").read_text())["hash"] == changed.digest(changed.cells()[1])
+    out.clear()
+    assert run_grid(changed, scorer=scorer, out=out.append, only="lr=1e-3__unlock=full") == 0
+    assert "skip (done)" in out[0]
 
 
 def test_bad_axis_key_fails_before_any_cell_runs(tmp_path):
