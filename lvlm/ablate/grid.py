@@ -72,7 +72,6 @@ class Cell:
     args: list[str] = field(default_factory=list)  # the same as `--key value` arguments (no --run_dir)
 
 
-
 @dataclass
 class Grid:
     path: Path
