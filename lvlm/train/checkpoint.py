@@ -83,7 +83,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int,
     if engine.rank == 0:
         if config_yaml is not None:
             (path / "config.yaml").write_text(config_yaml)
-        (path / COMPLETE).write_text(json.dumps({"step": step}))
+        (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": engine.world_size}))
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
@@ -105,6 +105,13 @@ def load(engine, run_dir: Path) -> dict | None:
         set_rng_state(json.loads(rng_file.read_text()))
     client_state["tag"] = tag
     return client_state
+
+
+def saved_world_size(ckpt_dir: Path) -> int:
+    """How many processes wrote a complete checkpoint: its ``COMPLETE`` marker says (older checkpoints: one
+    ``rng_rank{r}.json`` per rank)."""
+    marker = json.loads((Path(ckpt_dir) / COMPLETE).read_text() or "{}")
+    return int(marker.get("world_size") or len(list(Path(ckpt_dir).glob("rng_rank*.json"))))
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:

@@ -245,8 +245,8 @@ def train(cfg: Config) -> Summary:
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, rank: int, world: int) -> list[str]:
-    """Before any work: refuse to resume under a changed config (``rundir.check_resume``), or for a fresh
-    start (``resume: false``) move an earlier run out of the way. Returns the config changes a
+    """Before any work: refuse to resume under a changed config or process count (``rundir.check_resume``), or
+    for a fresh start (``resume: false``) move an earlier run out of the way. Returns the changes a
     ``resume: force`` continues under ([] otherwise)."""
     if str(cfg.resume).lower() == "false":
         if rank == 0:
@@ -256,7 +256,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, rank: int, world: int) -> list[
         if world > 1:
             torch.distributed.barrier()  # no rank writes into run_dir before the move
         return []
-    _, changes = check_resume(run_dir, cfg)
+    _, changes = check_resume(run_dir, cfg, world)
     if changes:
         log.warning("resume force: continuing %s under a changed config (checkpoint -> now):\n  %s", run_dir,
                     "\n  ".join(changes))

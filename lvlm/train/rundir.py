@@ -140,24 +140,30 @@ def supersede(run_dir: Path) -> Path | None:
     return dest
 
 
-def check_resume(run_dir: Path, cfg: Config) -> tuple[str | None, list[str]]:
+def check_resume(run_dir: Path, cfg: Config, world_size: int | None = None) -> tuple[str | None, list[str]]:
     """(newest complete checkpoint tag or None, config changes against it) before a run resumes in
-    ``run_dir``. Raises ConfigError when the config differs in a training key and ``resume`` is not
-    ``force``: resuming continues the same run, so a changed config would silently train under a
-    mix of two configs (or, if the old run had finished, train nothing and report the old result)."""
+    ``run_dir``; ``world_size`` (when given) must also be the one the checkpoint was written with. Raises
+    ConfigError when anything differs and ``resume`` is not ``force``: resuming continues the same run, so a
+    changed config would silently train under a mix of two configs (or, if the old run had finished, train
+    nothing and report the old result), and another process count changes the global batch and where each
+    rank's data continues (raw sample i belongs to rank i % world size), repeating or skipping samples."""
     from lvlm.config import ConfigError
-    from lvlm.train.checkpoint import latest_tag
+    from lvlm.train.checkpoint import latest_tag, saved_world_size
 
     tag = latest_tag(Path(run_dir) / "checkpoints")
     if tag is None:
         return None, []
     recorded = recorded_config(Path(run_dir) / "checkpoints" / tag)
     changes = config_changes(recorded[1], cfg) if recorded is not None else []
+    saved = saved_world_size(Path(run_dir) / "checkpoints" / tag)
+    if world_size is not None and saved and saved != world_size:
+        changes.append(f"world size (processes): {saved} -> {world_size} (global batch and data position per rank)")
     if changes and str(cfg.resume).lower() != "force":
         listed = "\n  ".join(changes)
         raise ConfigError(
             f"run_dir {run_dir} holds a run whose newest checkpoint ({tag}) was trained with a different "
-            f"config; resuming would continue that run under another one. Differences (checkpoint -> now):\n"
+            f"config or process count; resuming would continue that run under another one. Differences "
+            f"(checkpoint -> now):\n"
             f"  {listed}\nChoose one: relaunch with the checkpoint's config ({recorded[0]}); a new --run_dir; "
             f"--resume false (start over here: the earlier run moves to {Path(run_dir) / SUPERSEDED}/); "
             f"--stage.init_from {Path(run_dir) / 'checkpoints' / tag} in a new run_dir (a new run from its weights); "

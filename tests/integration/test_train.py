@@ -104,7 +104,14 @@ def test_two_process_deepspeed(tiny, tmp_path, zero_stage, launcher, reference_1
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     ckpt = run / "checkpoints" / "step_00000012"
     assert (ckpt / "rng_rank0.json").is_file() and (ckpt / "rng_rank1.json").is_file()
-    assert (ckpt / COMPLETE).is_file()
+    assert json.loads((ckpt / COMPLETE).read_text()) == {"step": 12, "world_size": 2}
+    if zero_stage == 2:
+        # resuming it with one process would repeat half of the data (raw sample i is rank i % world size's)
+        # and halve the global batch: refused before any work
+        cmd = train_cmd(tiny, run, [*LEARN, "--train.max_steps", "12", "--train.micro_batch_size", "4",
+                                    "--train.zero_stage", "2", "--train.save_every", "6"])
+        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "world size (processes): 2 -> 1" in proc.stderr, proc.stderr[-3000:]
 
 
 def _kill_after_checkpoint(cmd, run_dir, step: int, timeout: float = 300) -> None:
