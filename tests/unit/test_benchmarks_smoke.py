@@ -9,6 +9,7 @@ gives the same MIR. On CPU always; on CUDA (bf16) too when a GPU is present.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,16 @@ def test_mir_7b_bench_tiny_cpu() -> None:
 def test_mir_7b_bench_tiny_cuda() -> None:
     rows = _run_tiny("--device", "cuda")  # bf16 on cuda
     assert all(float(r[5]) > 0 for r in rows.values())  # peak GPU memory is reported
+
+
+def test_gpu_checks_script_runs_end_to_end_at_tiny_size(tmp_path) -> None:
+    """The one-call GPU runbook (benchmarks/gpu_checks.sh) works before a GPU session spends device time on it:
+    it runs the gpu-marked tests (skipped here) and the benchmark, and leaves its logs in $OUT."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "LVLM_WHEELS": str(tmp_path / "none"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), "--tiny", "--device", "cpu",
+                           "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cuda tests exit 0, benchmark exit 0" in (tmp_path / "machine.txt").read_text()
+    assert "skipped" in (tmp_path / "cuda_tests.log").read_text()  # the gpu tests were collected
+    assert "MIR spread across 3 configurations" in (tmp_path / "mir_7b.log").read_text()
