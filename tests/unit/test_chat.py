@@ -128,3 +128,38 @@ def test_llava_json_chat_format_keeps_prompts_and_plain_drops_them(tmp_path):
     assert labelled == tok(c.segments[-1].text + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="format='dialog'.*'plain', 'chat'"):
         build_source(LLaVAJsonSourceConfig(json_path=json_path, image_folder=folder, format="dialog"))
+
+
+def test_llava_json_text_only_records_are_text_only_conversations(tmp_path):
+    """LLaVA-1.5's SFT mix (llava_v1_5_mix665k.json) holds ~41K ShareGPT records without an "image" key; they
+    are text-only conversations (the loader refused the whole file before), tokenized with no image tokens."""
+    import json
+
+    from lvlm.config.schema import LLaVAJsonSourceConfig
+    from lvlm.data.skips import SkipCounter
+    from lvlm.data.sources import build_source
+
+    from data_fixtures import write_llava
+
+    json_path, folder = write_llava(str(tmp_path), 3)
+    records = json.loads(open(json_path).read())
+    records.append({"id": "sharegpt-1", "conversations": [{"from": "human", "value": "what is a circle?"},
+                                                          {"from": "gpt", "value": "a round shape"}]})
+    open(json_path, "w").write(json.dumps(records))
+    chat = build_source(LLaVAJsonSourceConfig(json_path=json_path, image_folder=folder, format="chat"))
+    skips = SkipCounter()
+    samples = {s.key: s for s in chat.iter_samples(0, 0, skips)}
+    assert len(samples) == 4 and skips.total == 0
+    text_only = samples["sharegpt-1"]
+    assert text_only.num_images == 0 and [s.role for s in text_only.segments] == ["user", "assistant"]
+    assert all(s.num_images == 1 for k, s in samples.items() if k != "sharegpt-1")
+    tok = tokenizer(CHATML)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    st = SampleTokenizer(tok, tokens_per_image=2, max_length=256, image_token_id=image_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    out = st(text_only)
+    assert image_id not in out.input_ids and any(lab != IGNORE_INDEX for lab in out.labels)
+    records[0]["image"] = ""
+    open(json_path, "w").write(json.dumps(records))
+    with pytest.raises(ValueError, match=r"record 0 is malformed: 'image' must be a non-empty string \(or absent"):
+        build_source(LLaVAJsonSourceConfig(json_path=json_path, image_folder=folder, format="chat"))

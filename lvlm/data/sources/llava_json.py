@@ -1,8 +1,9 @@
 """Caption samples from a LLaVA-style JSON file plus an image folder.
 
-Owns the schema of ``blip_laion_cc_sbu_558k.json``: a list of records
+Owns the schema of ``blip_laion_cc_sbu_558k.json`` and ``llava_v1_5_mix665k.json``: a list of records
 ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
-{"from": "gpt", "value": "caption"}, ...]}`` with ``image`` relative to the image folder, and
+{"from": "gpt", "value": "caption"}, ...]}`` with ``image`` relative to the image folder (a record without
+``image`` is a text-only conversation, as the ~41K ShareGPT records of LLaVA-1.5's SFT mix are), and
 the deterministic order of one epoch (record order permuted by an RNG seeded with
 ``(seed, epoch)``).
 
@@ -11,7 +12,8 @@ mistyped keys raises ``ValueError`` naming the file and the first bad record ind
 time a missing image file (``missing_image``) or a record without any non-empty ``gpt`` turn
 (``empty_caption``) is counted and skipped; image bytes are only read by ``ref.load()``.
 
-A sample is ``[ImageSegment, TextSegment(user)?, TextSegment(assistant), ...]``: human turns
+A sample is ``[ImageSegment, TextSegment(user)?, TextSegment(assistant), ...]`` (no ImageSegment for a
+text-only record): human turns
 become user text with the ``<image>`` marker removed (kept only if non-empty), gpt turns become
 assistant text. ``drop_prompt=True`` (LLaVA stage-1 "plain" format) keeps only the gpt turns.
 """
@@ -35,11 +37,11 @@ def _record_problem(record: Any) -> Optional[str]:
     """Why a record does not follow the schema, or None if it does."""
     if not isinstance(record, dict):
         return f"expected an object, got {type(record).__name__}"
-    for key in ("id", "image", "conversations"):
+    for key in ("id", "conversations"):
         if key not in record:
             return f"missing key {key!r}"
-    if not isinstance(record["image"], str) or not record["image"]:
-        return f"'image' must be a non-empty string, got {record['image']!r}"
+    if "image" in record and (not isinstance(record["image"], str) or not record["image"]):
+        return f"'image' must be a non-empty string (or absent: a text-only record), got {record['image']!r}"
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         return "'conversations' must be a non-empty list"
@@ -101,8 +103,8 @@ class LLaVAJsonSource:
             if not any(s.role == "assistant" and s.text for s in segments):
                 skips.add("empty_caption")
                 continue
-            path = os.path.join(self.image_folder, record["image"])
-            if not os.path.isfile(path):
+            path = os.path.join(self.image_folder, record["image"]) if "image" in record else None
+            if path is not None and not os.path.isfile(path):
                 skips.add("missing_image")
                 continue
             key = str(record["id"])
@@ -127,12 +129,10 @@ class LLaVAJsonSource:
         return segments
 
 
-def _build_sample(path: str, segments: list[TextSegment], key: str, source: str) -> Sample:
+def _build_sample(path: Optional[str], segments: list[TextSegment], key: str, source: str) -> Sample:
+    texts = [TextSegment(s.text, s.role) for s in segments]
+    if path is None:  # a text-only record
+        return Sample(segments=texts, key=key, source=source, meta={})
     with open(path, "rb") as f:
         data = f.read()
-    return Sample(
-        segments=[ImageSegment(data), *[TextSegment(s.text, s.role) for s in segments]],
-        key=key,
-        source=source,
-        meta={"image_path": path},
-    )
+    return Sample(segments=[ImageSegment(data), *texts], key=key, source=source, meta={"image_path": path})
