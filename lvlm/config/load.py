@@ -35,7 +35,11 @@ class ConfigError(ValueError):
     """A configuration the framework refuses, with the reason and the valid choices."""
 
 
-_CHOICE_CLASSES = {"model.vision": VisionConfig, "model.connector": ConnectorConfig, "data.source": SourceConfig}
+_CHOICE_CLASSES = {"model.vision": VisionConfig, "model.connector": ConnectorConfig, "data.source": SourceConfig,
+                   "mir.images": SourceConfig, "mir.texts": SourceConfig}
+# A plain string where these sources are expected is their original (and shortest) form: the probe images as
+# webdataset shards, the probe texts as a jsonl file with a `text` field.
+_STRING_SOURCES = {"mir.images": ("webdataset", "shards"), "mir.texts": ("text", "files")}
 
 
 def _field_names(cls) -> list[str]:
@@ -84,6 +88,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     _check_choice_overrides(overrides)
     given = path
     path, overrides = _apply_mixture_overrides(path, overrides)
+    path, overrides = _apply_string_sources(path, overrides, given)
     path = _apply_type_switches(path, overrides, given)
     try:
         args = _with_choice_types(path, list(overrides))
@@ -135,6 +140,45 @@ def _apply_mixture_overrides(path, overrides: Sequence[str]) -> tuple[str | Path
     with tmp:
         yaml.safe_dump(doc, tmp, sort_keys=False)  # mixture order breaks schedule ties
     return tmp.name, rest
+
+
+def _apply_string_sources(path, overrides: Sequence[str], given) -> tuple[str | Path | None, list[str]]:
+    """``mir.images: PATH`` / ``--mir.images PATH`` (and ``mir.texts``), the string form, become the source
+    they stand for (``_STRING_SOURCES``): ``{type: webdataset, shards: PATH}`` / ``{type: text, files: PATH}``
+    in the YAML (rewritten to a temporary file when needed) and ``--mir.images.type webdataset
+    --mir.images.shards PATH`` on the command line. Any other form passes through unchanged."""
+    args, out = list(overrides), []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        key, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if key in _STRING_SOURCES:
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+                i += 1
+            kind, attr = _STRING_SOURCES[key]
+            out += [f"--{key}.type", kind, f"--{key}.{attr}", value]
+        else:
+            out.append(a)
+        i += 1
+    if path is None:
+        return path, out
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    mir = doc.get("mir") if isinstance(doc, dict) else None
+    strings = {k: mir[k.split(".")[1]] for k in _STRING_SOURCES
+               if isinstance(mir, dict) and isinstance(mir.get(k.split(".")[1]), str)}
+    if not strings:
+        return path, out
+    for key, value in strings.items():
+        kind, attr = _STRING_SOURCES[key]
+        mir[key.split(".")[1]] = {"type": kind, attr: value}
+    if path != given:  # already a temporary file of ours: rewrite it in place
+        Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path, out
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lvlm-config-", delete=False)
+    with tmp:
+        yaml.safe_dump(doc, tmp, sort_keys=False)
+    return tmp.name, out
 
 
 def _apply_type_switches(path, overrides: Sequence[str], given) -> str | Path | None:

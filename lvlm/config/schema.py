@@ -399,10 +399,15 @@ class MIRConfig:
     """Compute MIR before training, every N steps and at the end (0 = never during training)."""
     num_samples: int = 100
     """Probe size N (the paper's default; stable from N >= 20)."""
-    images: str = "toy://world/captions/val-000000.tar"
-    """Webdataset shards holding the probe images (any image member; captions are ignored)."""
-    texts: str = "toy://world/text/train.jsonl"
-    """jsonl file whose ``text`` fields are the unrelated probe texts (the paper: CNN/DailyMail articles)."""
+    images: SourceConfig = field(default_factory=lambda: WebDatasetSourceConfig(
+        shards="toy://world/captions/val-000000.tar"))
+    """Where the probe images come from: any data source (``type`` webdataset, llava_json, interleaved, ...);
+    each sample's first image (captions are ignored; samples without an image are passed over). A plain string
+    is read as webdataset shards (``{type: webdataset, shards: STRING}``)."""
+    texts: SourceConfig = field(default_factory=lambda: TextSourceConfig(files="toy://world/text/train.jsonl"))
+    """Where the unrelated probe texts come from (the paper: CNN/DailyMail articles): any data source; a
+    sample's non-empty text segments, joined by newlines. A plain string is read as a jsonl file with a
+    ``text`` field (``{type: text, format: jsonl, files: STRING}``)."""
     seed: int = 0
     """Seeds which images and texts are drawn and how they are paired."""
     batch_size: int = 8

@@ -25,5 +25,5 @@ def run_mir(cfg: Config, ckpt_dir: Path):
     result = probe_mir(model, probe, model.llm.num_layers, device, cross=cfg.mir.cross,
                        layers_per_pass=cfg.mir.layers_per_pass, memory_gb=cfg.mir.memory_gb)
     paths = write_report(result, ckpt_dir, {"probe_hash": probe.digest, "num_samples": probe.num_samples,
-                                            "checkpoint": str(ckpt_dir)})
+                                            "probe_skipped": probe.skipped, "checkpoint": str(ckpt_dir)})
     return (result, *paths)

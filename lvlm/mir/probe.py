@@ -1,26 +1,34 @@
 """The MIR probe set: N images paired with unrelated texts, formatted as the paper does, tokenized.
 
-Owns: seeded selection of images (webdataset shards) and texts (jsonl ``text`` field) and their
-pairing, the selection hash, the chat formatting (``lvlm.data.chat``: the tokenizer's chat template when it
-has one, else LLaVA v1: ``<system> USER: <image>\\n ASSISTANT: {text}</s>``), and the per-sample masks of
-which positions are vision rows (image tokens) and text rows (every position after the image
-span; the prefix before the image belongs to neither). Knows nothing of models beyond the
-tokenizer and the token ids/counts it is handed.
+Owns: seeded selection of images and texts from any configured data source (``mir.images``: each sample's
+first image; ``mir.texts``: each sample's text) and their pairing, the selection hash, the chat formatting
+(``lvlm.data.chat``: the tokenizer's chat template when it has one, else LLaVA v1: ``<system> USER: <image>\n
+ASSISTANT: {text}</s>``), and the per-sample masks of which positions are vision rows (image tokens) and text
+rows (every position after the image span; the prefix before the image belongs to neither). Knows nothing
+of models beyond the tokenizer and the token ids/counts it is handed.
+
+Selection: the sources' epoch-0 order for seed 0 (their refs: cheap, nothing decoded), ``mir.num_samples``
+indices of each drawn by an RNG seeded with ``mir.seed``; only the chosen samples are loaded. A chosen image
+sample without an image (a text-only record of a llava_json or interleaved source) or that fails to load is
+passed over and replaced by the next of a seeded order of the others (counted in the probe's ``skipped``);
+likewise a text sample with no text. Sources where every sample qualifies (webdataset captions, text
+documents) thus select exactly the first draw.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from lvlm.config.schema import MIRConfig
+from lvlm.config.schema import MIRConfig, SourceConfig
 from lvlm.data.collate import collate
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
-from lvlm.data.sources.webdataset_caption import WebDatasetCaptionSource
+from lvlm.data.sources import SampleRef, build_source
 from lvlm.data.tokenize import SampleTokenizer
 
 
@@ -31,44 +39,81 @@ class ProbeSet:
     digest: str
     """sha256 of the selected image keys and text indices, in pairing order."""
     num_samples: int
+    skipped: dict = field(default_factory=dict)
+    """Samples passed over while selecting (reason -> count), and what the sources skipped while listing."""
 
 
-def _read_texts(path: str) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                text = json.loads(line).get("text", "")
-                if text.strip():
-                    texts.append(text)
-    return texts
+def _refs(cfg: SourceConfig, role: str, skips: SkipCounter) -> list[SampleRef]:
+    return list(build_source(cfg, name=f"mir_{role}").iter_refs(0, 0, skips))
+
+
+def _image_of(sample: Sample) -> ImageSegment | None:
+    return next((s for s in sample.segments if isinstance(s, ImageSegment)), None)
+
+
+def _text_of(sample: Sample) -> str | None:
+    text = "\n".join(s.text for s in sample.segments if isinstance(s, TextSegment) and s.text.strip())
+    return text or None
+
+
+def _select(refs: list[SampleRef], n: int, rng: random.Random, backup_seed: str, take: Callable, role: str,
+            what: str, skips: SkipCounter) -> list[tuple[int, object]]:
+    """``n`` (index, item) pairs: ``rng.sample`` of the indices, each unusable one (``take`` returns None or the
+    load fails) replaced by the next index of a ``backup_seed``-seeded order of the rest."""
+    if len(refs) < n:
+        raise ValueError(f"MIR probe needs {n} {role}; {what} holds {len(refs)} (mir.num_samples)")
+    first = rng.sample(range(len(refs)), n)
+    chosen_set = set(first)
+    backup = [i for i in range(len(refs)) if i not in chosen_set]
+    random.Random(backup_seed).shuffle(backup)
+    out = []
+    for i in first:
+        while True:
+            try:
+                item = take(refs[i].load())
+                reason = f"mir_{role}_without_{'image' if role == 'images' else 'text'}"
+            except OSError:
+                item, reason = None, f"mir_{role}_unreadable"
+            if item is not None:
+                out.append((i, item))
+                break
+            skips.add(reason)
+            if not backup:
+                raise ValueError(f"MIR probe needs {n} {role}; only {len(out)} of those in {what} are usable "
+                                 f"(passed over: {skips.as_dict()}) (mir.num_samples)")
+            i = backup.pop()
+    return out
+
+
+def _describe(cfg: SourceConfig) -> str:
+    return f"mir {SourceConfig.get_choice_name(type(cfg))} source " + ", ".join(
+        f"{k}={v!r}" for k, v in vars(cfg).items() if isinstance(v, str) and v)
 
 
 def build_probe(cfg: MIRConfig, *, tokenizer, image_transform, image_size: int, image_token_id: int,
                 tokens_per_image: int, bos_token_id: int | None, eos_token_id: int | None,
                 pad_token_id: int) -> ProbeSet:
     rng = random.Random(f"lvlm.mir.probe/{cfg.seed}")
-    refs = list(WebDatasetCaptionSource(cfg.images, name="mir_images").iter_refs(0, 0, SkipCounter()))
-    texts = _read_texts(cfg.texts)
-    if len(refs) < cfg.num_samples or len(texts) < cfg.num_samples:
-        raise ValueError(f"MIR probe needs {cfg.num_samples} images and texts; found {len(refs)} images in "
-                         f"{cfg.images!r} and {len(texts)} texts in {cfg.texts!r} (mir.num_samples)")
-    chosen = rng.sample(range(len(refs)), cfg.num_samples)
-    text_ids = rng.sample(range(len(texts)), cfg.num_samples)
-    digest = hashlib.sha256(json.dumps([[refs[i].key for i in chosen], text_ids]).encode()).hexdigest()
+    skips = SkipCounter()
+    image_refs, text_refs = _refs(cfg.images, "images", skips), _refs(cfg.texts, "texts", skips)
+    images = _select(image_refs, cfg.num_samples, rng, f"lvlm.mir.probe/{cfg.seed}/images", _image_of, "images",
+                     _describe(cfg.images), skips)
+    texts = _select(text_refs, cfg.num_samples, rng, f"lvlm.mir.probe/{cfg.seed}/texts", _text_of, "texts",
+                    _describe(cfg.texts), skips)
+    digest = hashlib.sha256(json.dumps([[image_refs[i].key for i, _ in images], [j for j, _ in texts]]).encode()
+                            ).hexdigest()
     system = "" if getattr(tokenizer, "chat_template", None) else cfg.system_prompt  # a template has its own
     tok = SampleTokenizer(tokenizer, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
                           max_length=cfg.max_length, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                           system_prompt=system)
     samples = []
-    for i, j in zip(chosen, text_ids):
-        image = next(s for s in refs[i].load().segments if isinstance(s, ImageSegment))
+    for (i, image), (_, text) in zip(images, texts):
         # one user turn holding only the image, the unrelated text as the assistant turn (render_chat)
-        sample = Sample([image, TextSegment("", role="user"), TextSegment(texts[j], role="assistant")],
-                        key=refs[i].key, source="mir_probe")
+        sample = Sample([image, TextSegment("", role="user"), TextSegment(text, role="assistant")],
+                        key=image_refs[i].key, source="mir_probe")
         tokenized = tok(sample)
         if tokenized is None:
-            raise ValueError(f"probe sample {refs[i].key} does not fit mir.max_length={cfg.max_length}")
+            raise ValueError(f"probe sample {image_refs[i].key} does not fit mir.max_length={cfg.max_length}")
         samples.append(tokenized)
     batches = []
     for start in range(0, len(samples), cfg.batch_size):
@@ -77,7 +122,7 @@ def build_probe(cfg: MIRConfig, *, tokenizer, image_transform, image_size: int, 
         if batch["num_samples"] != len(chunk):
             raise ValueError("a probe image could not be decoded; use other mir.images")
         batches.append(add_row_masks(batch, image_token_id))
-    return ProbeSet(batches=batches, digest=digest, num_samples=len(samples))
+    return ProbeSet(batches=batches, digest=digest, num_samples=len(samples), skipped=skips.as_dict())
 
 
 def add_row_masks(batch: dict, image_token_id: int) -> dict:

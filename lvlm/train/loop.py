@@ -125,8 +125,8 @@ def train(cfg: Config) -> Summary:
         from lvlm.mir.api import probe_for
 
         probe = probe_for(cfg, model, image_transform)
-        log.info("MIR probe: %d samples (hash %s), every %d steps", probe.num_samples, probe.digest[:12],
-                 cfg.mir.every)
+        log.info("MIR probe: %d samples (hash %s), every %d steps%s", probe.num_samples, probe.digest[:12],
+                 cfg.mir.every, f"; passed over: {probe.skipped}" if probe.skipped else "")
 
     def measure_mir(at_step: int) -> None:
         from lvlm.mir.collect import probe_mir

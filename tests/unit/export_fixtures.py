@@ -51,7 +51,7 @@ def write_run(run_dir: Path, model_cfg: ModelConfig, trainable: dict[str, torch.
     """A run directory with one complete checkpoint holding ``trainable``; returns the checkpoint dir."""
     cfg = Config(model=model_cfg)
     cfg.data.source.shards = "/nonexistent/shards.tar"  # no toy:// left: nothing here needs building
-    cfg.mir.images, cfg.mir.texts = "/nonexistent/val.tar", "/nonexistent/text.jsonl"
+    cfg.mir.images.shards, cfg.mir.texts.files = "/nonexistent/val.tar", "/nonexistent/text.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     ckpt = run_dir / "checkpoints" / tag_for(STEP)

@@ -147,3 +147,28 @@ def test_mixture_weight_zero_leaves_a_source_out(monkeypatch):
     with pytest.raises(ConfigError, match="every data.mixture weight is 0"):
         load_config(mix, [f"--data.mixture.{n}.weight" if i % 2 == 0 else "0"
                           for n in cfg.data.mixture for i in range(2)])
+
+
+def test_mir_probe_sources_take_any_source_and_the_string_form(tmp_path):
+    """mir.images / mir.texts are data sources of any type; a plain string keeps its original meaning
+    (webdataset shards / a jsonl file with a `text` field), in YAML, on the command line and in a pipeline."""
+    from lvlm.config.schema import LLaVAJsonSourceConfig, TextSourceConfig, WebDatasetSourceConfig
+
+    y = tmp_path / "c.yaml"
+    y.write_text("mir:\n  images: /x/val-{000000..000002}.tar\n  texts: /x/cnn.jsonl\n")
+    from_yaml = load_config(y)
+    from_cli = load_config(None, ["--mir.images", "/x/val-{000000..000002}.tar", "--mir.texts=/x/cnn.jsonl"])
+    assert from_yaml.mir.images == from_cli.mir.images == WebDatasetSourceConfig(shards="/x/val-{000000..000002}.tar")
+    assert from_yaml.mir.texts == from_cli.mir.texts == TextSourceConfig(format="jsonl", files="/x/cnn.jsonl")
+    typed = load_config(y, ["--mir.images.type", "llava_json", "--mir.images.json_path", "/x/a.json",
+                            "--mir.images.image_folder", "/x/img", "--mir.texts.format", "parquet",
+                            "--mir.texts.field", "article"])
+    assert typed.mir.images == LLaVAJsonSourceConfig(json_path="/x/a.json", image_folder="/x/img")
+    assert typed.mir.texts == TextSourceConfig(format="parquet", files="/x/cnn.jsonl", field="article")
+    again = tmp_path / "dumped.yaml"
+    again.write_text(dump_config(typed))
+    assert load_config(again).mir == typed.mir  # the dumped (typed) form loads back
+    y.write_text("mir:\n  images: {type: interleaved, format: webdataset, files: /x/docs.tar}\n")
+    assert load_config(y).mir.images.files == "/x/docs.tar"
+    with pytest.raises(ConfigError, match="valid choices: interleaved, llava_json, text, webdataset"):
+        load_config(None, ["--mir.texts.type", "csv"])

@@ -220,15 +220,16 @@ def test_cli(run, world, capsys):
 
 
 def test_mir_probe_uses_the_toy_chat_template(world):
-    from lvlm.config.schema import MIRConfig
+    from lvlm.config.schema import MIRConfig, TextSourceConfig, WebDatasetSourceConfig
     from lvlm.mir.probe import build_probe
 
     out, _ = world
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_id, n = tok.convert_tokens_to_ids("<image>"), 4
-    cfg = MIRConfig(images=str(out / "captions/val-000000.tar"), texts=str(out / "text/train.jsonl"), num_samples=4,
-                    batch_size=4, max_length=256)
+    cfg = MIRConfig(images=WebDatasetSourceConfig(shards=str(out / "captions/val-000000.tar")),
+                    texts=TextSourceConfig(files=str(out / "text/train.jsonl")), num_samples=4, batch_size=4,
+                    max_length=256)
     probe = build_probe(cfg, tokenizer=tok, image_transform=lambda im: torch.zeros(3, 32, 32), image_size=32,
                         image_token_id=image_id, tokens_per_image=n, bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -1,0 +1,69 @@
+"""The MIR probe set from any configured data source: images from a LLaVA JSON whose text-only records are
+passed over (and counted), texts from a parquet column; seeded and hashed; too few usable samples refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from data_fixtures import IMAGE_SIZE, image_transform, write_llava
+from mixed_fixtures import write_parquet
+
+from lvlm.config.schema import LLaVAJsonSourceConfig, MIRConfig, TextSourceConfig
+from lvlm.mir.probe import build_probe
+from lvlm.toy.tokenizer import build_tokenizer
+
+TOKENS = 3
+
+
+def probe(cfg: MIRConfig):
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    out = build_probe(cfg, tokenizer=tok, image_transform=image_transform(), image_size=IMAGE_SIZE,
+                      image_token_id=image_id, tokens_per_image=TOKENS, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return out, tok, image_id
+
+
+@pytest.fixture
+def sources(tmp_path):
+    json_path, folder = write_llava(str(tmp_path / "llava"), 10)
+    records = json.loads(open(json_path).read())
+    for r in records[:4]:  # text-only conversations (as in LLaVA-1.5's SFT mix): no image to probe with
+        del r["image"]
+    open(json_path, "w").write(json.dumps(records))
+    articles = [f"a {c} {s} is left of a {o} square" for c in ("red", "green", "blue") for s in ("circle", "triangle")
+                for o in ("red", "yellow")]  # 12 distinct texts in the toy tokenizer's words
+    texts = write_parquet(str(tmp_path / "cnn" / "articles.parquet"), {"article": articles, "id": list(range(12))})
+    images = LLaVAJsonSourceConfig(json_path=json_path, image_folder=folder, format="chat")
+    return images, TextSourceConfig(format="parquet", files=texts, field="article"), records, articles
+
+
+def test_probe_from_llava_json_images_and_parquet_texts(sources):
+    images, texts, records, articles = sources
+    cfg = MIRConfig(images=images, texts=texts, num_samples=6, batch_size=4, max_length=256)
+    got, tok, image_id = probe(cfg)
+    assert got.num_samples == 6 and [len(b["input_ids"]) for b in got.batches] == [4, 2]
+    # only 6 of the 10 records have an image: every one of them is used, the text-only ones were passed over
+    assert got.skipped.get("mir_images_without_image", 0) >= 2
+    pixels = {tuple(p.flatten().tolist()) for b in got.batches for p in b["pixel_values"]}
+    assert len(pixels) == 6  # six different images: all six records that have one
+    seen_texts = set()
+    for batch in got.batches:
+        assert int(batch["vision_mask"].sum()) == TOKENS * len(batch["input_ids"])
+        for row, text_mask in zip(batch["input_ids"], batch["text_mask"]):
+            text = tok.decode(row[text_mask].tolist(), skip_special_tokens=True).split("assistant :")[-1].strip()
+            seen_texts.add(text)
+            assert text in articles, text  # the unrelated texts are the parquet column's
+    assert len(seen_texts) == 6
+    # seeded and hashed: the same seed draws the same probe, another seed another one
+    assert probe(cfg)[0].digest == got.digest
+    assert probe(MIRConfig(images=images, texts=texts, num_samples=6, seed=1, max_length=256))[0].digest != got.digest
+
+
+def test_probe_refuses_too_few_usable_samples(sources):
+    images, texts, _, _ = sources
+    with pytest.raises(ValueError, match=r"needs 7 images; only 6 of those in mir llava_json source .* are usable"):
+        probe(MIRConfig(images=images, texts=texts, num_samples=7, max_length=256))
+    with pytest.raises(ValueError, match=r"needs 13 images; mir llava_json source .* holds 10"):
+        probe(MIRConfig(images=images, texts=texts, num_samples=13, max_length=256))
