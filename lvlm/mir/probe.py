@@ -2,10 +2,10 @@
 
 Owns: seeded selection of images and texts from any configured data source (``mir.images``: each sample's
 first image; ``mir.texts``: each sample's text) and their pairing, the selection hash, the chat formatting
-(``lvlm.data.chat``: the tokenizer's chat template when it has one, else LLaVA v1: ``<system> USER: <image>\n
-ASSISTANT: {text}</s>``), and the per-sample masks of which positions are vision rows (image tokens) and text
-rows (every position after the image span; the prefix before the image belongs to neither). Knows nothing
-of models beyond the tokenizer and the token ids/counts it is handed.
+(``lvlm.data.chat``: the tokenizer's chat template when it has one, else LLaVA v1:
+``<system> USER: <image>\\n ASSISTANT: {text}</s>``), and the per-sample masks of which positions are
+vision rows (image tokens) and text rows (every position after the image span; the prefix before the image
+belongs to neither). Knows nothing of models beyond the tokenizer and the token ids/counts it is handed.
 
 Selection: the sources' epoch-0 order for seed 0 (their refs: cheap, nothing decoded), ``mir.num_samples``
 indices of each drawn by an RNG seeded with ``mir.seed``; only the chosen samples are loaded. A chosen image
