@@ -98,7 +98,8 @@ class Grid:
     def digest(self, cell: Cell) -> str:
         """Identifies what a cell trains and measures: its config(s) as loaded (the base file's content and
         everything it inherits, plus the cell's overrides), less the recording-only keys
-        (``lvlm.train.rundir.RECORDING_ONLY``: run_dir, resume, track, ...). Editing the base changes it."""
+        (``lvlm.train.rundir.RECORDING_ONLY``: run_dir, resume, track, ...). Editing the base changes it.
+        Loading is the check too: ConfigError if the cell's config does not load (``runner.validate``)."""
         from lvlm.config import load_config
         from lvlm.config.pipeline import load_pipeline
         from lvlm.train.rundir import RECORDING_ONLY, config_view

@@ -46,8 +46,10 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy)
 
 
-def load_results(grid: Grid, cells: list[Cell]) -> list[dict]:
-    """Each cell's result.json in grid order (a stub with status "pending" where there is none)."""
+def load_results(grid: Grid, cells: list[Cell], digests: dict[str, str] | None = None) -> list[dict]:
+    """Each cell's result.json in grid order (a stub with status "pending" where there is none, "pending (stale
+    result)" where its hash is not the cell's: ``digests`` by cell name when the caller has them, else
+    ``Grid.digest``)."""
     out = []
     for cell in cells:
         path = grid.cell_dir(cell) / "result.json"
@@ -55,7 +57,7 @@ def load_results(grid: Grid, cells: list[Cell]) -> list[dict]:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             r = {"status": "pending"}
-        if r.get("hash") not in (None, grid.digest(cell)):
+        if r.get("hash") not in (None, digests[cell.name] if digests else grid.digest(cell)):
             r = {"status": "pending (stale result)"}
         out.append({"cell": cell.name, "values": cell.values, **{k: v for k, v in r.items() if k != "values"}})
     return out
@@ -149,11 +151,11 @@ def plot(path: Path, results: list[dict], rho: float | None) -> Path | None:
     return path
 
 
-def write_report(grid: Grid, cells: list[Cell]) -> str:
+def write_report(grid: Grid, cells: list[Cell], digests: dict[str, str] | None = None) -> str:
     """Write results.md, results.csv and (with scores) mir_vs_score.png into the grid's run dir;
     returns the Markdown, for printing."""
     grid.run_dir.mkdir(parents=True, exist_ok=True)
-    results = load_results(grid, cells)
+    results = load_results(grid, cells, digests)
     text = markdown(grid, results)
     (grid.run_dir / "results.md").write_text(text)
     write_csv(grid.run_dir / "results.csv", grid, results)

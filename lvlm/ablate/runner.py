@@ -32,13 +32,12 @@ Scorer = Callable[..., dict]
 LOG_TAIL = 40
 
 
-def validate(grid: Grid, cells: list[Cell]) -> None:
-    """Load every cell's config (plain or pipeline) now, so a typo fails before anything trains."""
-    from lvlm.config import ConfigError, load_config
-    from lvlm.config.pipeline import load_pipeline
+def validate(grid: Grid, cells: list[Cell]) -> dict[str, str]:
+    """Load every cell's config (plain or pipeline: every stage's) now, so a typo fails before anything trains;
+    returns each cell's config hash (``Grid.digest`` of what was loaded), by cell name."""
+    from lvlm.config import ConfigError
 
-    load = load_pipeline if grid.is_pipeline else load_config  # a pipeline: every stage's config
-
+    digests = {}
     if grid.score.type == "toy_vqa" and importlib.util.find_spec("lvlm.eval.toy_vqa") is None:
         raise GridError("score type toy_vqa needs lvlm.eval.toy_vqa, which this installation lacks; "
                         "valid choices here: none")
@@ -46,12 +45,13 @@ def validate(grid: Grid, cells: list[Cell]) -> None:
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):  # argparse prints its whole usage on an unknown key
-                load(grid.base, [*cell.args, "--run_dir", str(grid.cell_dir(cell))])
+                digests[cell.name] = grid.digest(cell)
         except ConfigError as e:
             said = [line.split("error: ", 1)[1] for line in err.getvalue().splitlines() if "error: " in line]
             where = f" ({str(e).split(':', 1)[0]})" if said and grid.is_pipeline else ""  # which stage
             raise GridError(f"cell {cell.name}: {'; '.join(said) + where if said else e} (base {grid.base}; "
                             "valid keys: `lvlm train --help`)") from e
+    return digests
 
 
 def command(grid: Grid, cell: Cell) -> list[str]:
@@ -201,12 +201,12 @@ def run_grid(grid: Grid, only: str | None = None, dry_run: bool = False, scorer:
     cells = grid.cells()
     if only is not None and only not in {c.name for c in cells}:
         raise GridError(f"--only {only!r}: no such cell; cells: {', '.join(c.name for c in cells)}")
-    validate(grid, cells)
+    digests = validate(grid, cells)
     selected = [c for c in cells if only is None or c.name == only]
     if dry_run:
         for i, cell in enumerate(selected, 1):
             prev, prev_hash = previous_attempt(grid, cell)
-            same = prev_hash == grid.digest(cell)
+            same = prev_hash == digests[cell.name]
             state = (prev or {}).get("status", "pending") if same else "pending"
             fresh = prev_hash is not None and not same
             out(f"[{i}/{len(selected)}] {cell.name} ({state}{'; settings changed, starts over' if fresh else ''})"
@@ -217,7 +217,7 @@ def run_grid(grid: Grid, only: str | None = None, dry_run: bool = False, scorer:
     failed = []
     for i, cell in enumerate(selected, 1):
         head = f"[{i}/{len(selected)}] {cell.name}:"
-        digest = grid.digest(cell)
+        digest = digests[cell.name]
         prev, prev_hash = previous_attempt(grid, cell)
         same = prev_hash == digest
         if same and prev is not None and prev.get("status") == "ok":
@@ -225,7 +225,7 @@ def run_grid(grid: Grid, only: str | None = None, dry_run: bool = False, scorer:
                 out(f"{head} skip (done)")
                 continue
             out(f"{head} trained; scoring again ({grid.score.type})")
-            result = run_cell(grid, cell, scorer, out, train=False)
+            result = run_cell(grid, cell, scorer, out, train=False, digest=digest)
         else:
             fresh = prev_hash is not None and not same
             if fresh:
@@ -244,7 +244,7 @@ def run_grid(grid: Grid, only: str | None = None, dry_run: bool = False, scorer:
                 f"score {_fmt(result['score'])}")
     from lvlm.ablate.report import write_report
 
-    out(write_report(grid, cells))
+    out(write_report(grid, cells, digests))
     if failed:
         out(f"{len(failed)} cell(s) not ok: {', '.join(failed)} (re-run the same command to retry them)")
         return 1

@@ -136,10 +136,20 @@ def _apply_mixture_overrides(path, overrides: Sequence[str]) -> tuple[str | Path
             if not isinstance(node, dict):
                 raise ConfigError(f"mixture override --data.mixture.{'.'.join(parts)}: {part!r} is not a mapping")
         node[parts[-1]] = value
+    return _edited(doc, path, path), rest
+
+
+def _edited(doc: dict, path, given) -> str:
+    """Where the edited config ``doc`` now lives: ``path`` rewritten in place when it is already a temporary
+    file of ours (``path != given``), else a new temporary YAML (load_config deletes it afterwards). Key order
+    is kept (mixture order breaks schedule ties)."""
+    if path is not None and path != given:
+        Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
+        return str(path)
     tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lvlm-config-", delete=False)
     with tmp:
-        yaml.safe_dump(doc, tmp, sort_keys=False)  # mixture order breaks schedule ties
-    return tmp.name, rest
+        yaml.safe_dump(doc, tmp, sort_keys=False)
+    return tmp.name
 
 
 def _apply_string_sources(path, overrides: Sequence[str], given) -> tuple[str | Path | None, list[str]]:
@@ -172,13 +182,7 @@ def _apply_string_sources(path, overrides: Sequence[str], given) -> tuple[str | 
     for key, value in strings.items():
         kind, attr = _STRING_SOURCES[key]
         mir[key.split(".")[1]] = {"type": kind, attr: value}
-    if path != given:  # already a temporary file of ours: rewrite it in place
-        Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
-        return path, out
-    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lvlm-config-", delete=False)
-    with tmp:
-        yaml.safe_dump(doc, tmp, sort_keys=False)
-    return tmp.name, out
+    return _edited(doc, path, given), out
 
 
 def _apply_type_switches(path, overrides: Sequence[str], given) -> str | Path | None:
@@ -213,13 +217,7 @@ def _apply_type_switches(path, overrides: Sequence[str], given) -> str | Path | 
             changed = True
     if not changed:
         return path
-    if path != given:  # already a temporary file of ours (mixture overrides): rewrite it in place
-        Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
-        return path
-    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lvlm-config-", delete=False)
-    with tmp:
-        yaml.safe_dump(doc, tmp, sort_keys=False)
-    return tmp.name
+    return _edited(doc, path, given)
 
 
 def _default_choice(choice: str) -> str:
