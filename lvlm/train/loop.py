@@ -155,6 +155,7 @@ def train(cfg: Config) -> Summary:
         cleanup.callback(stop_workers, batches)
         for step in range(start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
+            lr, lrs = engine.lr, engine.lrs  # the rates this step's update uses (the scheduler steps with it)
             micro = [next(batches) for _ in range(accum)]
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
             (global_tokens, stop) = engine.all_reduce_sum([local_tokens, float(preempt.requested)])
@@ -192,11 +193,11 @@ def train(cfg: Config) -> Summary:
                 summary.first_loss = loss
             summary.last_loss = loss
             skipped = merge_skip_counts(list(per_worker.values()))
-            record = {"step": step + 1, "loss": loss, "lr": engine.lr, "grad_norm": engine.grad_norm(),
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": engine.grad_norm(),
                       "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt,
                       "skipped": skipped, "padding_waste": mix_counts[-2] / max(mix_counts[-1], 1.0)}
-            if len(set(engine.lrs.values())) > 1:
-                record["lrs"] = engine.lrs
+            if len(set(lrs.values())) > 1:
+                record["lrs"] = lrs
             if len(mix_names) > 1:
                 record["sources"] = step_sources
             metrics.write(record)
@@ -204,7 +205,7 @@ def train(cfg: Config) -> Summary:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / dt:,.0f}", refresh=False)
                 bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 and rank == 0 and bar is None:
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.train.max_steps, loss, engine.lr,
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.train.max_steps, loss, lr,
                          global_tokens / dt)
             done = step + 1 == cfg.train.max_steps
             if probe is not None and (done or (step + 1) % cfg.mir.every == 0):

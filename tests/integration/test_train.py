@@ -14,6 +14,7 @@ import yaml
 
 from runs import REPO, env, losses, run_train, train_cmd
 
+from lvlm.track import read_metrics
 from lvlm.train.checkpoint import COMPLETE
 
 # Full fine-tuning of the tiny random LLM with a high lr: the loss must fall clearly within a few steps.
@@ -39,6 +40,11 @@ def test_single_process_end_to_end(tiny, tmp_path):
     loss = losses(run)
     assert sorted(loss) == list(range(1, 17))
     assert_falls(loss, 0.15)
+    # the logged lr is the one each step's update used: warmup round(0.1 * 16) = 2 steps starts at half the
+    # peak, and the last update's cosine lr is above 0 (0 would be the lr after the run)
+    lr = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r}
+    assert lr[1] == pytest.approx(1.5e-3) and lr[2] == lr[3] == pytest.approx(3e-3) and lr[4] < 3e-3
+    assert 0 < lr[16] < lr[15]
     # the run directory records what is needed to reproduce the run
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["vision"]["type"] == "hf" and cfg["stage"]["train_llm"] is True
