@@ -1,18 +1,23 @@
 """End-to-end training through the real CLI: one process, 2-process DeepSpeed ZeRO-2 / ZeRO-3, and
-kill-and-resume that reproduces the uninterrupted losses exactly."""
+kill-and-resume that reproduces the uninterrupted losses exactly, and the reference run against its golden
+numbers (tests/assets/golden/)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import golden
 from runs import REPO, env, losses, run_train, train_cmd
+from tiny_assets import assets_digest
 
 from lvlm.track import read_metrics
 from lvlm.train.checkpoint import COMPLETE
@@ -73,11 +78,16 @@ def test_connector_only_stage_trains_only_the_connector(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_12(tiny, tmp_path_factory):
-    """12 steps in one process, 8 samples per step in one micro-batch."""
+def reference_run(tiny, tmp_path_factory):
+    """12 steps in one process, 8 samples per step in one micro-batch, MIR at steps 0, 6 and 12."""
     run = tmp_path_factory.mktemp("ref12") / "run"
     run_train(tiny, run, [*LEARN, "--train.max_steps", "12"])
-    return losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_12(reference_run):
+    return losses(reference_run)
 
 
 def assert_same_losses(got: dict, want: dict, rtol: float = 2e-4) -> None:
@@ -93,6 +103,20 @@ def test_token_weighted_loss_is_invariant_to_gradient_accumulation(tiny, tmp_pat
     run_train(tiny, run, [*LEARN, "--train.max_steps", "12", "--train.micro_batch_size", "4",
                           "--train.grad_accum", "2"])
     assert_same_losses(losses(run), reference_12)
+
+
+def test_losses_lr_and_mir_match_the_golden_file(tiny, reference_run):
+    """The reference run against the numbers stored in tests/assets/golden/ (torchtitan's practice):
+    any change to what a run computes (data order, masking, schedule, init, model path, MIR) shows up
+    here, also one that shifts every configuration alike and so passes the equivalence tests above.
+    An intended change rewrites the file (LVLM_UPDATE_GOLDEN=1) and the diff goes into the commit."""
+    got = golden.record(reference_run)
+    digest = assets_digest(Path(tiny["model.llm.name_or_path"]).parent)
+    if os.environ.get("LVLM_UPDATE_GOLDEN") == "1":
+        golden.write(golden.TINY_TRAIN, got, digest)
+        pytest.skip(f"rewrote {golden.TINY_TRAIN}")
+    problems = golden.compare(golden.load(golden.TINY_TRAIN), got, digest)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
