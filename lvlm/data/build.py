@@ -22,7 +22,7 @@ Owns the ordering contract that makes kill-and-resume exact and ranks disjoint:
 * With ``cfg.pack`` a micro-batch is ``micro_batch_size`` ROWS of ``max_length`` tokens: the rank's samples
   (same split as above: raw sample ``i`` to rank ``i % world_size``) fill rows first-fit in order until
   ``micro_batch_size`` samples were found that fit nowhere, which then open micro-batch ``g + 1``
-  (``RowFiller``); the batch's row layout is first-fit-decreasing. Exact resume and
+  (``RowFiller``); the batch keeps the filler's rows, so it never has more. Exact resume and
   worker-independence hold as without packing.
 * When more than ``cfg.max_skip_fraction`` of what a reader has seen was skipped (after at least
   ``MIN_SEEN_FOR_SKIP_CHECK`` samples), the reader raises ``TooManySkipsError``.
@@ -184,7 +184,7 @@ class TrainBatches(IterableDataset):
             if len(carry) < self.micro_batch_size:
                 continue
             if mine(batch_index):
-                yield self._collate(batch_index, members, skips)
+                yield self._collate(batch_index, members, skips, rows=filler.placed)
                 loaded += len(members)
                 self._check_skips(skips, seen=i + 1, loaded=loaded)
             batch_index, members, waiting, carry = batch_index + 1, [], carry, []
@@ -227,10 +227,11 @@ class TrainBatches(IterableDataset):
                      if (item := self._tokenize(index, ref, self._skips_of(skips, index))) is not None]
         return self._collate(batch_index, tokenized, skips)
 
-    def _collate(self, batch_index: int, tokenized: list, skips: SkipCounter) -> dict[str, Any]:
-        if self.pack:
+    def _collate(self, batch_index: int, tokenized: list, skips: SkipCounter,
+                 rows: list[int] | None = None) -> dict[str, Any]:
+        if self.pack:  # the filler's rows: at most micro_batch_size of them
             batch = packed_collate(tokenized, self.image_transform, self.pad_token_id, self.image_size,
-                                   self.sample_tokenizer.max_length, skips, order="decreasing")
+                                   self.sample_tokenizer.max_length, skips, rows=rows)
         else:
             batch = collate(tokenized, self.image_transform, self.pad_token_id, self.image_size, skips)
         counts: dict[str, list[int]] = {}

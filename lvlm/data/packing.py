@@ -86,13 +86,31 @@ def plan_packing(lengths: Sequence[int], max_length: int, order: str = "arrival"
     return [sorted(row) for row in rows]
 
 
-def pack(samples: Sequence[TokenizedSample], max_length: int, order: str = "arrival") -> list[PackedRow]:
-    """Pack ``samples`` into rows (see the module docstring for the layout)."""
+def plan_from_rows(lengths: Sequence[int], max_length: int, rows: Sequence[int]) -> list[list[int]]:
+    """The plan of a given assignment: ``rows[i]`` is sample i's row (e.g. ``RowFiller.placed``). Rows are
+    listed by their lowest sample index; an assignment that overfills a row is an error."""
+    if len(rows) != len(lengths):
+        raise ValueError(f"row assignment has {len(rows)} entries for {len(lengths)} samples")
+    plan: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        plan.setdefault(r, []).append(i)
+    for r, indices in plan.items():
+        if sum(lengths[i] for i in indices) > max_length:
+            raise ValueError(f"row {r} holds {sum(lengths[i] for i in indices)} tokens, more than "
+                             f"max_length={max_length}")
+    return list(plan.values())
+
+
+def pack(samples: Sequence[TokenizedSample], max_length: int, order: str = "arrival",
+         rows: Optional[Sequence[int]] = None) -> list[PackedRow]:
+    """Pack ``samples`` into rows (see the module docstring for the layout): planned in ``order``, or
+    the given assignment ``rows`` (sample i goes into row ``rows[i]``)."""
     for sample in samples:
         if len(sample.labels) != len(sample.input_ids):
             raise ValueError(f"sample {sample.key!r}: {len(sample.input_ids)} input ids but "
                              f"{len(sample.labels)} labels")
-    plan = plan_packing([len(s.input_ids) for s in samples], max_length, order)
+    lengths = [len(s.input_ids) for s in samples]
+    plan = plan_packing(lengths, max_length, order) if rows is None else plan_from_rows(lengths, max_length, rows)
     rows = []
     for indices in plan:
         row = PackedRow()
@@ -136,19 +154,25 @@ def packed_collate(
     skips: Optional[SkipCounter] = None,
     order: str = "arrival",
     pad_to_max_length: bool = False,
+    rows: Optional[Sequence[int]] = None,
 ) -> dict[str, Any]:
     """Decode images, drop samples with a corrupt image (``corrupt_image``), pack and pad to one batch.
 
-    Rows are padded to the longest row, or to ``max_length`` with ``pad_to_max_length`` (fixed shapes).
+    The row layout is planned in ``order``, or given: ``rows[i]`` is sample i's row (the loader passes
+    ``RowFiller.placed``, so a batch never has more rows than the filler allowed; a dropped sample only
+    leaves a gap). Rows are padded to the longest row, or to ``max_length`` with ``pad_to_max_length``.
     """
     check_batch_args(pad_token_id, image_size)
+    if rows is not None and len(rows) != len(samples):
+        raise ValueError(f"row assignment has {len(rows)} entries for {len(samples)} samples")
+    row_of = {id(sample): r for sample, r in zip(samples, rows)} if rows is not None else None
     pairs = decode_samples(samples, skips)
     if not pairs:
         return _dummy_batch(pad_token_id, image_size)
     kept = [sample for sample, _ in pairs]
     decoded = [images for _, images in pairs]  # aligned with kept
 
-    rows = pack(kept, max_length, order)
+    rows = pack(kept, max_length, order, None if row_of is None else [row_of[id(sample)] for sample in kept])
     length = max_length if pad_to_max_length else max(len(row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -198,7 +222,8 @@ class RowFiller:
     Decides which consecutive samples of a stream form one packed micro-batch: ``fits(n)`` says whether a
     sample of ``n`` tokens still fits in some open row (first fit) or in a new one while fewer than
     ``rows`` are open; when it does not, the micro-batch is complete and the sample starts the next one.
-    The final row layout of a batch is left to ``packed_collate`` (first-fit-decreasing over the batch).
+    ``placed`` is the row of every sample added since the last reset: the batch's layout, handed to
+    ``packed_collate`` (re-planning the same samples, e.g. first-fit-decreasing, can need more rows).
     """
 
     def __init__(self, rows: int, max_length: int) -> None:
@@ -206,6 +231,7 @@ class RowFiller:
             raise ValueError(f"rows and max_length must be >= 1, got {rows} and {max_length}")
         self.rows, self.max_length = rows, max_length
         self.used: list[int] = []
+        self.placed: list[int] = []
 
     def fits(self, n: int) -> bool:
         return any(u + n <= self.max_length for u in self.used) or len(self.used) < self.rows
@@ -217,10 +243,12 @@ class RowFiller:
         for r, u in enumerate(self.used):
             if u + n <= self.max_length:
                 self.used[r] = u + n
+                self.placed.append(r)
                 return
         if len(self.used) >= self.rows:
             raise ValueError("no room: call fits() first and start a new batch")
+        self.placed.append(len(self.used))
         self.used.append(n)
 
     def reset(self) -> None:
-        self.used = []
+        self.used, self.placed = [], []

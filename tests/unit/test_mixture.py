@@ -147,6 +147,24 @@ def test_packed_batches_are_full_rows_of_the_same_stream(tok, mixed):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
+def test_a_packed_batch_keeps_the_fillers_rows(tok, tmp_path):
+    """Samples of 10, 6, 4, 8, 8, 4 tokens fill 2 rows of 20 first-fit in stream order (10+6+4, 8+8+4); laid
+    out longest-first the same six need 3 rows (10+8, 8+6+4, 4), more than micro_batch_size: the batch must
+    keep the rows the filler chose."""
+    words = [8, 4, 2, 6, 6, 2, 18, 18, 18, 18]                          # + BOS + EOS = 10, 6, 4, 8, 8, 4, 20, ...
+    text = write_jsonl(str(tmp_path / "t.jsonl"), [{"text": " ".join(["cat"] * n)} for n in words])
+    cfg = DataConfig(mixture={"text": MixtureComponent(source=TextSourceConfig(format="jsonl", files=text))},
+                     max_length=20, shuffle_buffer=0, pack=True)
+    batches = build_train_loader(cfg, tokenizer=tok, image_transform=image_transform(IMAGE_SIZE),
+                                 image_size=IMAGE_SIZE, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                 tokens_per_image=TPI, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, micro_batch_size=2, rank=0, world_size=1, seed=0)
+    first = next(iter(batches))
+    assert first["lengths"] == [10, 6, 4, 8, 8, 4]
+    assert first["num_rows"] == 2 and tuple(first["input_ids"].shape) == (2, 20)
+    assert first["attention_mask"].sum(dim=1).tolist() == [20, 20]
+
+
 def test_too_many_bad_samples_fail_the_run(tok, mixed, tmp_path):
     bad = write_jsonl(str(tmp_path / "bad.jsonl"), [{"text": "   "}] * 10 + [{"text": "one good line"}])
     mixture = {**mixed, "bad": (TextSourceConfig(format="jsonl", files=bad), 1.0)}
