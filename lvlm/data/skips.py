@@ -44,9 +44,10 @@ class SkipCounter:
 # (each worker of each rank) walks in full, so each reader counts every such skip and the max is the truth.
 PARTITIONED_REASONS = frozenset({"image_exceeds_max_length", "no_supervised_tokens", "corrupt_image",
                                  "unreadable_image"})
-# Reasons that count dropped parts of a sample that is still used (an image past max_images): reported, but
-# not skipped samples, so they never count towards data.max_skip_fraction.
-PART_REASONS = frozenset({"images_over_limit"})
+# Reasons that count dropped parts of a sample that is still used (an image past max_images, an absent image
+# file of an mmc4/obelics document): reported, but not skipped samples, so they never count towards
+# data.max_skip_fraction.
+PART_REASONS = frozenset({"images_over_limit", "images_missing"})
 
 
 def merge_skip_counts(per_reader: list[dict[str, int]]) -> dict[str, int]:

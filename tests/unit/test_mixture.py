@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_fixtures import IMAGE_SIZE, fixture_tokenizer, image_transform, write_clean_shards
-from mixed_fixtures import write_document_shards, write_jsonl
+from mixed_fixtures import mmc4_doc, write_document_shards, write_image, write_jsonl
 
 from lvlm.config.schema import (DataConfig, InterleavedSourceConfig, MixtureComponent, TextSourceConfig,
                                 WebDatasetSourceConfig)
@@ -163,6 +163,25 @@ def test_a_packed_batch_keeps_the_fillers_rows(tok, tmp_path):
     assert first["lengths"] == [10, 6, 4, 8, 8, 4]
     assert first["num_rows"] == 2 and tuple(first["input_ids"].shape) == (2, 20)
     assert first["attention_mask"].sum(dim=1).tolist() == [20, 20]
+
+
+def test_images_missing_from_kept_documents_are_not_skipped_samples(tok, tmp_path):
+    """MMC4 downloads miss many images: each document keeps its text and present image, its two absent image
+    files count `images_missing` (dropped parts, like images_over_limit) and never count towards
+    data.max_skip_fraction (counted as skips, 2 of every 3 "samples" would have failed a 0.5 limit)."""
+    folder = str(tmp_path / "images")
+    docs = []
+    for d in range(120):
+        write_image(folder, f"ok{d}.jpg", d)
+        docs.append(mmc4_doc(["a red cat", "the dog runs", "a bird"],
+                             [(f"ok{d}.jpg", 0), (f"gone{d}a.jpg", 1), (f"gone{d}b.jpg", 2)]))
+    path = write_jsonl(str(tmp_path / "d.jsonl"), docs)
+    mixture = {"mmc4": (InterleavedSourceConfig(format="mmc4", files=path, image_folder=folder), 1.0)}
+    batches = list(islice(iter(loader(tok, mixture, max_skip=0.5)), 25))
+    assert sum(b["num_samples"] for b in batches) == 100
+    assert all(b["pixel_values"].shape[0] == b["num_samples"] for b in batches)  # one image per document
+    skipped = batches[-1]["skipped"]
+    assert list(skipped) == ["images_missing"] and skipped["images_missing"] >= 200  # one source: no prefix
 
 
 def test_too_many_bad_samples_fail_the_run(tok, mixed, tmp_path):

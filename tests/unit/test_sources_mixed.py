@@ -140,7 +140,7 @@ def test_mmc4_image_before_matched_sentence(mmc4_files):
                                   ("T", "B. C. D.", "assistant")]
     assert layout(samples[2]) == [("T", "only text", "assistant")]
     assert samples[0].meta["url"] == "http://example.com/page"
-    assert skips.as_dict() == {"bad_document": 3, "empty_text": 1, "missing_image": 2}
+    assert skips.as_dict() == {"bad_document": 3, "empty_text": 1, "images_missing": 2}
 
 
 def test_mmc4_image_after_matched_sentence_and_max_images(mmc4_files):
@@ -151,7 +151,7 @@ def test_mmc4_image_after_matched_sentence_and_max_images(mmc4_files):
     limited, skips = read_all(InterleavedSource(path, format="mmc4", image_folder=folder, max_images=1))
     assert layout(limited[0]) == [("T", "A.", "assistant"), ("I", data["x0.jpg"]), ("T", "B. C. D.", "assistant")]
     assert layout(limited[1]) == layout(limited[0])
-    assert skips["images_over_limit"] == 2 and skips["missing_image"] == 2
+    assert skips["images_over_limit"] == 2 and skips["images_missing"] == 2
 
 
 def test_mmc4_order_is_deterministic_and_missing_file(tmp_path):
@@ -187,7 +187,7 @@ def test_obelics_rows_skips_and_max_images(tmp_path):
     assert [s.key for s in samples] == ["obelics.parquet:0", "obelics.parquet:5"]
     assert layout(samples[0]) == [("T", "P1", "assistant"), ("I", a), ("T", "P2\n\nP3", "assistant"), ("I", b)]
     assert layout(samples[1]) == [("T", "kept", "assistant")]
-    assert skips.as_dict() == {"bad_document": 3, "empty_text": 1, "missing_image": 1}
+    assert skips.as_dict() == {"bad_document": 3, "empty_text": 1, "images_missing": 1}
     limited, skips = read_all(InterleavedSource(path, format="obelics", image_folder=folder, max_images=1))
     assert layout(limited[0]) == [("T", "P1", "assistant"), ("I", a), ("T", "P2\n\nP3", "assistant")]
     assert skips["images_over_limit"] == 1

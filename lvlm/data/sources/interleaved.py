@@ -16,7 +16,8 @@ Owns three input formats and how each becomes an ordered segment list:
   one non-null); consecutive paragraphs are joined with a blank line.
 
 For mmc4/obelics, images are files under ``image_folder`` (a URL entry is looked up by its
-basename); an absent file counts ``missing_image`` and drops that image only. All text is
+basename); an absent file drops that image only and counts ``images_missing`` (a dropped part of a kept
+document, like ``images_over_limit``: never a skipped sample, since MMC4 downloads miss many). All text is
 ``assistant`` there. Common rules, in this order: texts are stripped and empty ones dropped; a
 document with no text left is skipped (``empty_text``); missing images are handled as above;
 images beyond ``max_images`` (0 = no limit) are dropped and counted one by one
@@ -251,7 +252,7 @@ class InterleavedSource(DocumentFileSource):
                     return None
                 resolved.append(_Bytes(group[item.name]))
             elif isinstance(item, _ImageFile) and not os.path.isfile(item.path):
-                skips.add("missing_image")
+                skips.add("images_missing")  # this image only: the document is kept
             else:
                 resolved.append(item)
         final: list[Item] = []
