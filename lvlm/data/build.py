@@ -165,7 +165,8 @@ class TrainBatches(IterableDataset):
         skips, filler = SkipCounter(), RowFiller(self.micro_batch_size, self.sample_tokenizer.max_length)
         members: list = []
         carry: list = []
-        batch_index, loaded = 0, 0
+        batch_index = 0
+        tried = 0  # samples tokenized while this reader owned the open batch, kept or dropped: its skips' base
 
         def mine(g: int) -> bool:
             return g >= self.start_batch and (g - self.start_batch) % num_workers == worker
@@ -173,7 +174,9 @@ class TrainBatches(IterableDataset):
         for i, (index, ref) in enumerate(self.mixed_stream(skips)):
             if i % self.world_size != self.rank:
                 continue
-            item = self._tokenize(index, ref, self._skips_of(skips, index) if mine(batch_index) else SkipCounter())
+            owned = mine(batch_index)
+            item = self._tokenize(index, ref, self._skips_of(skips, index) if owned else SkipCounter())
+            tried += owned
             if item is None:
                 continue
             if filler.fits(len(item.input_ids)):
@@ -185,8 +188,7 @@ class TrainBatches(IterableDataset):
                 continue
             if mine(batch_index):
                 yield self._collate(batch_index, members, skips, rows=filler.placed)
-                loaded += len(members)
-                self._check_skips(skips, seen=i + 1, loaded=loaded)
+                self._check_skips(skips, seen=i + 1, loaded=tried)
             batch_index, members, waiting, carry = batch_index + 1, [], carry, []
             filler.reset()
             for held in waiting:  # held samples open the next batch, in order; any that still fit nowhere wait on

@@ -184,6 +184,29 @@ def test_images_missing_from_kept_documents_are_not_skipped_samples(tok, tmp_pat
     assert list(skipped) == ["images_missing"] and skipped["images_missing"] >= 200  # one source: no prefix
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_skip_limit_counts_dropped_samples_alike_packed_or_not(tok, tmp_path, pack):
+    """Documents whose image lies past max_length are dropped by the tokenizer (image_exceeds_max_length):
+    40% of them stay under data.max_skip_fraction 0.5 and 60% exceed it, with or without packing (packed,
+    the limit was measured against the kept samples only: 40% dropped read as 67%)."""
+    folder = str(tmp_path / "images")
+    for share, fails in ((2, False), (3, True)):                       # dropped: 2 or 3 of every 5 documents
+        docs = []
+        for d in range(400):
+            write_image(folder, f"i{d}.jpg", d)
+            text = " ".join(["cat"] * 80) if d % 5 < share else "a red cat"
+            docs.append(mmc4_doc([text, "a dog"], [(f"i{d}.jpg", 1)]))
+        path = write_jsonl(str(tmp_path / f"d{share}.jsonl"), docs)
+        mixture = {"mmc4": (InterleavedSourceConfig(format="mmc4", files=path, image_folder=folder), 1.0)}
+        read = iter(loader(tok, mixture, max_skip=0.5, pack=pack))
+        if fails:
+            with pytest.raises(TooManySkipsError, match="image_exceeds_max_length"):
+                list(islice(read, 60))
+        else:
+            batches = list(islice(read, 60))
+            assert batches[-1]["skipped"]["image_exceeds_max_length"] >= 80
+
+
 def test_too_many_bad_samples_fail_the_run(tok, mixed, tmp_path):
     bad = write_jsonl(str(tmp_path / "bad.jsonl"), [{"text": "   "}] * 10 + [{"text": "one good line"}])
     mixture = {**mixed, "bad": (TextSourceConfig(format="jsonl", files=bad), 1.0)}
