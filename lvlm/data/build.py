@@ -231,11 +231,12 @@ class TrainBatches(IterableDataset):
 
     def _collate(self, batch_index: int, tokenized: list, skips: SkipCounter,
                  rows: list[int] | None = None) -> dict[str, Any]:
+        by_source = len(self.sources) > 1  # a mixture files corrupt_image under the sample's source too
         if self.pack:  # the filler's rows: at most micro_batch_size of them
             batch = packed_collate(tokenized, self.image_transform, self.pad_token_id, self.image_size,
-                                   self.sample_tokenizer.max_length, skips, rows=rows)
+                                   self.sample_tokenizer.max_length, skips, rows=rows, by_source=by_source)
         else:
-            batch = collate(tokenized, self.image_transform, self.pad_token_id, self.image_size, skips)
+            batch = collate(tokenized, self.image_transform, self.pad_token_id, self.image_size, skips, by_source)
         counts: dict[str, list[int]] = {}
         for name, length in zip(batch["sources"], batch["lengths"]):
             entry = counts.setdefault(name, [0, 0])

@@ -51,16 +51,17 @@ def check_batch_args(pad_token_id: int, image_size: int) -> None:
         raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r}")
 
 
-def decode_samples(samples: list[TokenizedSample], skips: Optional[SkipCounter]
+def decode_samples(samples: list[TokenizedSample], skips: Optional[SkipCounter], by_source: bool = False
                    ) -> list[tuple[TokenizedSample, list[Image.Image]]]:
     """(sample, its decoded images) for every sample whose images all decode; the others are counted
-    as ``corrupt_image`` and dropped."""
+    as ``corrupt_image`` (``SOURCE/corrupt_image`` with ``by_source``, as a mixture files its reasons)
+    and dropped."""
     kept = []
     for sample in samples:
         decoded = _decode_all(sample)
         if decoded is None:
             if skips is not None:
-                skips.add("corrupt_image")
+                skips.add(f"{sample.source}/corrupt_image" if by_source and sample.source else "corrupt_image")
             continue
         kept.append((sample, decoded))
     return kept
@@ -95,10 +96,11 @@ def collate(
     pad_token_id: int,
     image_size: int,
     skips: Optional[SkipCounter] = None,
+    by_source: bool = False,
 ) -> dict[str, Any]:
-    """Build a batch (see the module docstring for the keys)."""
+    """Build a batch (see the module docstring for the keys); ``by_source``: see ``decode_samples``."""
     check_batch_args(pad_token_id, image_size)
-    kept = decode_samples(samples, skips)
+    kept = decode_samples(samples, skips, by_source)
     if not kept:
         return dummy_batch(pad_token_id, image_size)
 

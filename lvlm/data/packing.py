@@ -155,18 +155,20 @@ def packed_collate(
     order: str = "arrival",
     pad_to_max_length: bool = False,
     rows: Optional[Sequence[int]] = None,
+    by_source: bool = False,
 ) -> dict[str, Any]:
     """Decode images, drop samples with a corrupt image (``corrupt_image``), pack and pad to one batch.
 
     The row layout is planned in ``order``, or given: ``rows[i]`` is sample i's row (the loader passes
     ``RowFiller.placed``, so a batch never has more rows than the filler allowed; a dropped sample only
     leaves a gap). Rows are padded to the longest row, or to ``max_length`` with ``pad_to_max_length``.
+    ``by_source``: see ``decode_samples``.
     """
     check_batch_args(pad_token_id, image_size)
     if rows is not None and len(rows) != len(samples):
         raise ValueError(f"row assignment has {len(rows)} entries for {len(samples)} samples")
     row_of = {id(sample): r for sample, r in zip(samples, rows)} if rows is not None else None
-    pairs = decode_samples(samples, skips)
+    pairs = decode_samples(samples, skips, by_source)
     if not pairs:
         return _dummy_batch(pad_token_id, image_size)
     kept = [sample for sample, _ in pairs]

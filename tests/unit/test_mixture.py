@@ -10,7 +10,8 @@ from itertools import islice
 import pytest
 import torch
 
-from data_fixtures import IMAGE_SIZE, fixture_tokenizer, image_transform, write_clean_shards
+from data_fixtures import (IMAGE_SIZE, caption_member, fixture_tokenizer, image_transform, write_clean_shards,
+                           write_shard)
 from mixed_fixtures import mmc4_doc, write_document_shards, write_image, write_jsonl
 
 from lvlm.config.schema import (DataConfig, InterleavedSourceConfig, MixtureComponent, TextSourceConfig,
@@ -205,6 +206,17 @@ def test_the_skip_limit_counts_dropped_samples_alike_packed_or_not(tok, tmp_path
         else:
             batches = list(islice(read, 60))
             assert batches[-1]["skipped"]["image_exceeds_max_length"] >= 80
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_mixture_files_corrupt_images_under_their_source(tok, mixed, tmp_path, pack):
+    """In a mixture every skip reason is NAME/reason, also corrupt_image (found when the batch is decoded)."""
+    members = [caption_member(f"k{i}", i) for i in range(20)]
+    members[2] = ("k2", {**members[2][1], "jpg": b"\xff\xd8\xff not a jpeg"})
+    write_shard(str(tmp_path / "bad.tar"), members)
+    mixture = {**mixed, "captions": (WebDatasetSourceConfig(shards=str(tmp_path / "bad.tar")), 0.45)}
+    skipped = list(islice(iter(loader(tok, mixture, pack=pack)), 12))[-1]["skipped"]
+    assert skipped.get("captions/corrupt_image", 0) >= 1 and "corrupt_image" not in skipped
 
 
 def test_too_many_bad_samples_fail_the_run(tok, mixed, tmp_path):
