@@ -312,3 +312,35 @@ def test_document_shards_also_read_caption_pairs(tmp_path):
     cap = samples[1].segments
     assert len(cap) == 2 and cap[0].data == image_bytes(1) and cap[1].text == "a red cat"
     assert skips.as_dict() == {"bad_document": 1}
+
+
+@pytest.mark.parametrize("cut", ["at_header", "mid_header", "mid_data"])
+@pytest.mark.parametrize("mode", ["local", "pipe", "gzip"])
+def test_a_shard_cut_anywhere_counts_corrupt_shard(tmp_path, cut, mode):
+    """A shard cut off at or inside a header (an interrupted download or writer) must count corrupt_shard like
+    one cut inside member data: tarfile alone takes such a header for the end of the archive, and the rest of
+    the shard was lost uncounted. Local (seeking) and streamed walks (pipe:, gzip) alike; valid shards whole."""
+    import gzip
+    import tarfile
+
+    from lvlm.data.sources.tar_groups import iter_tar_groups
+
+    path = str(tmp_path / "docs.tar")
+    write_tar(path, [(f"d{i}.txt", f"a red cat number {i} ".encode() * 40) for i in range(10)])
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[5]
+    whole = open(path, "rb").read()
+    offset = {"at_header": member.offset, "mid_header": member.offset + 100, "mid_data": member.offset_data + 10}[cut]
+
+    def walk(data: bytes) -> tuple[list[str], dict]:
+        target = tmp_path / ("shard.tar.gz" if mode == "gzip" else "shard.tar")
+        target.write_bytes(gzip.compress(data) if mode == "gzip" else data)
+        skips = SkipCounter()
+        url = f"pipe:cat {target}" if mode == "pipe" else str(target)
+        return [key for key, _ in iter_tar_groups(url, skips)], skips.as_dict()
+
+    assert walk(whole) == ([f"d{i}" for i in range(10)], {})
+    keys, skips = walk(whole[:offset])
+    assert skips == {"corrupt_shard": 1}
+    assert keys == [f"d{i}" for i in range(5 if cut == "mid_data" else 4)]  # the group being read is dropped
+
