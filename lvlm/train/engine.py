@@ -2,7 +2,8 @@
 
 Owns: process-group setup (NCCL on GPU, gloo on CPU; a single process needs no launcher),
 the DeepSpeed JSON generated from the typed config, AdamW + warmup/decay schedule,
-backward/step, collective reductions, and DeepSpeed checkpoint save/load.
+backward/step, the pre-clipping global gradient norm of each optimizer step, collective reductions, and
+DeepSpeed checkpoint save/load.
 """
 from __future__ import annotations
 
@@ -105,6 +106,11 @@ class Engine:
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.device = device()
+        # DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16) keep the step's pre-clipping gradient norm; with the
+        # plain optimizer (ZeRO 0, fp32) DeepSpeed clips without keeping it, so step() measures it itself
+        self._measure_norm = not self.module.zero_optimization() and not hasattr(self.module.optimizer,
+                                                                                  "_global_grad_norm")
+        self._step_norm: torch.Tensor | None = None
 
     def forward(self, **batch):
         return self.module(**batch)
@@ -114,6 +120,9 @@ class Engine:
 
     def step(self) -> None:
         """Call after every micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        if self._measure_norm and self.module.is_gradient_accumulation_boundary():
+            # the gradients are complete and all-reduced over ranks here, and not clipped yet
+            self._step_norm = global_grad_norm(self.module.module)
         self.module.step()
 
     @property
@@ -126,7 +135,11 @@ class Engine:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.scheduler.optimizer.param_groups)}
 
     def grad_norm(self) -> float | None:
+        """Global L2 norm of the trainable parameters' gradients at the last optimizer step, before clipping
+        (optim.grad_clip); None before the first step."""
         norm = self.module.get_global_grad_norm()
+        if norm is None:
+            norm = self._step_norm
         return None if norm is None else float(norm)
 
     def full_grad(self, param: torch.Tensor) -> torch.Tensor | None:
@@ -208,6 +221,18 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
         return client_state or {}
+
+
+def global_grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm over every parameter's gradient (frozen ones have none), in one fused pass; leaves them as
+    they are."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), 2.0, dtype=torch.float32)
+                                                 for g in grads]), 2.0)
 
 
 def _gathered(params: list[torch.Tensor], zero3: bool):

@@ -4,6 +4,7 @@ numbers (tests/assets/golden/)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,6 +32,10 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "step" in r}
+
+
 def assert_falls(loss: dict[int, float], min_drop: float) -> None:
     steps = sorted(loss)
     head, tail = mean([loss[s] for s in steps[:3]]), mean([loss[s] for s in steps[-3:]])
@@ -50,6 +55,10 @@ def test_single_process_end_to_end(tiny, tmp_path):
     lr = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r}
     assert lr[1] == pytest.approx(1.5e-3) and lr[2] == lr[3] == pytest.approx(3e-3) and lr[4] < 3e-3
     assert 0 < lr[16] < lr[15]
+    # every step logs its gradient norm (ZeRO 0, fp32: DeepSpeed keeps none; the engine measures it)
+    norms = grad_norms(run)
+    assert sorted(norms) == list(range(1, 17))
+    assert all(isinstance(n, float) and math.isfinite(n) and n > 0 for n in norms.values()), norms
     # the run directory records what is needed to reproduce the run
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["vision"]["type"] == "hf" and cfg["stage"]["train_llm"] is True
@@ -105,6 +114,16 @@ def test_token_weighted_loss_is_invariant_to_gradient_accumulation(tiny, tmp_pat
     assert_same_losses(losses(run), reference_12)
 
 
+def test_grad_norm_is_the_accumulated_norm_before_clipping(tiny, tmp_path, reference_run):
+    """Step 1 sees the reference run's samples and weights: over 2 accumulated micro-batches with a clip far
+    below the norm, the logged grad_norm is still the reference's (the full step's gradient, before clipping)."""
+    run = tmp_path / "clipped"
+    run_train(tiny, run, [*LEARN, "--train.max_steps", "2", "--train.micro_batch_size", "4",
+                          "--train.grad_accum", "2", "--optim.grad_clip", "1e-4"])
+    got, want = grad_norms(run)[1], grad_norms(reference_run)[1]
+    assert want > 1e-2 and got == pytest.approx(want, rel=1e-4)
+
+
 def test_losses_lr_and_mir_match_the_golden_file(tiny, reference_run):
     """The reference run against the numbers stored in tests/assets/golden/ (torchtitan's practice):
     any change to what a run computes (data order, masking, schedule, init, model path, MIR) shows up
@@ -121,7 +140,7 @@ def test_losses_lr_and_mir_match_the_golden_file(tiny, reference_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, launcher", [(2, "deepspeed"), (3, "torchrun")])
-def test_two_process_deepspeed(tiny, tmp_path, zero_stage, launcher, reference_12):
+def test_two_process_deepspeed(tiny, tmp_path, zero_stage, launcher, reference_run, reference_12):
     """2 ranks x 4 samples see the same 8 samples per step as the one-process reference, so with
     token-weighted loss across ranks the losses must match it (and fall)."""
     run = tmp_path / f"zero{zero_stage}"
@@ -131,6 +150,10 @@ def test_two_process_deepspeed(tiny, tmp_path, zero_stage, launcher, reference_1
     loss = losses(run)
     assert_falls(loss, 0.10)
     assert_same_losses(loss, reference_12)
+    # DeepSpeed's ZeRO optimizer reports the pre-clipping norm: that of the same gradients in one process
+    norms, want = grad_norms(run), grad_norms(reference_run)
+    assert all(isinstance(n, float) and math.isfinite(n) and n > 0 for n in norms.values()), norms
+    assert norms[1] == pytest.approx(want[1], rel=1e-3)
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     ckpt = run / "checkpoints" / "step_00000012"
     assert (ckpt / "rng_rank0.json").is_file() and (ckpt / "rng_rank1.json").is_file()
