@@ -172,12 +172,15 @@ def weightless(model: ModelConfig) -> ModelConfig:
 
 
 def model_sizes(cfg: Config) -> list[PartSize]:
-    """Per part: parameters and trainable parameters under ``cfg.stage``, built on the meta device."""
+    """Per part: parameters and trainable parameters under ``cfg.stage``, built on the meta device the way
+    ``lvlm train`` builds it (LoRA adapters injected, then the stage applied), so the counts equal its table."""
     from lvlm.models.build import build_lvlm
+    from lvlm.train.lora import add_lora
     from lvlm.train.stages import apply_stage, stage_modules
 
     with torch.device("meta"):
         model, _, _ = build_lvlm(weightless(cfg.model))
+        add_lora(model, cfg.stage)
     apply_stage(model, cfg.stage)
     mixed = cfg.train.precision == "bf16"
 

@@ -89,6 +89,31 @@ def test_counts_equal_a_real_build(tiny, tmp_path: Path, stage: dict, moca: bool
         assert total > 0 and trainable == (total if trains[name] else 0)
 
 
+def test_lora_stage_counts_equal_the_trained_model(tiny, tmp_path: Path) -> None:
+    """A LoRA stage: info builds the model as train() does (adapters injected, then the stage applied), so its
+    counts and memory estimate cover the adapters that train, not a frozen LLM."""
+    from lvlm.train.lora import add_lora
+    from lvlm.train.stages import parameter_table
+
+    stage = {"train_llm": True, "llm_up_to_layer": 1, "lora": {"r": 4}}
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny["clip"], tiny["llama"], stage=stage))
+    model, _, _ = build_lvlm(cfg.model)
+    add_lora(model, cfg.stage)  # what lvlm.train.loop.train does before apply_stage
+    apply_stage(model, cfg.stage)
+    real = {name: (sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad))
+            for name, m in stage_modules(model).items()}
+    adapters = sum(p.numel() for n, p in model.llm.named_parameters() if ".lora_" in n)
+    assert adapters > 0 and real["llm"][1] == adapters
+    nw = load_config(write_config(tmp_path / "nw.yaml", tiny["clip_nw"], tiny["llama_nw"], stage=stage))
+    parts = model_sizes(nw)
+    sizes = {p.name: (p.params, p.trainable) for p in parts}
+    assert sizes == real
+    llm_row = next(line for line in parameter_table(model).splitlines() if line.startswith("llm "))
+    assert llm_row.split()[1:3] == [f"{real['llm'][0]:,}", f"{adapters:,}"]  # train's logged table agrees
+    by = {p.name: p for p in parts}
+    assert by["llm"].grad_bytes == 4 * adapters and by["llm"].optim_bytes == 2 * 4 * adapters  # fp32: grads + Adam
+
+
 def test_parameter_bytes_follow_precision(tiny, tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", tiny["clip_nw"], tiny["llama_nw"], stage={"train_llm": True},
                         model={"llm": {"dtype": "bfloat16"}})
