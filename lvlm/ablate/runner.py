@@ -49,8 +49,9 @@ def validate(grid: Grid, cells: list[Cell]) -> dict[str, str]:
         except ConfigError as e:
             said = [line.split("error: ", 1)[1] for line in err.getvalue().splitlines() if "error: " in line]
             where = f" ({str(e).split(':', 1)[0]})" if said and grid.is_pipeline else ""  # which stage
-            raise GridError(f"cell {cell.name}: {'; '.join(said) + where if said else e} (base {grid.base}; "
-                            "valid keys: `lvlm train --help`)") from e
+            hint = "; valid keys: `lvlm train --help`" if said else ""  # the config's own errors name them
+            said_here = '; '.join(said) + where if said else str(e)
+            raise GridError(f"cell {cell.name}: {said_here} (base {grid.base}{hint})") from e
     return digests
 
 

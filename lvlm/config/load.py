@@ -54,12 +54,55 @@ def _explain(err: Exception) -> str:
         path, bad, cls_name = m.groups()
         cls = _resolve_class(path, cls_name)
         valid = ", ".join(_field_names(cls)) if cls else "?"
-        where = path or "<top level>"
-        return f"unknown key(s) {bad} under '{where}'; valid keys: {valid}"
+        return _unknown_keys(bad, path, valid)
     for path, registry in _CHOICE_CLASSES.items():
         if (path in msg or f".{registry.__name__}'" in msg) and ("type" in msg or "choice" in msg.lower()):
             return f"{msg}; valid '{path}.type' choices: {', '.join(sorted(registry.get_known_choices()))}"
     return msg
+
+
+def _unknown_keys(bad: str, path: str, valid: str) -> str:
+    """The message for keys that are not in the schema (a YAML file's and the command line's alike)."""
+    return f"unknown key(s) {bad} under '{path or '<top level>'}'; valid keys: {valid}"
+
+
+def _schema_keys(cls, path: str) -> dict[str, type | None]:
+    """The keys allowed under ``path`` (of dataclass ``cls``): name -> the dataclass below it, or None for a
+    value. Under a choice (``_CHOICE_CLASSES``): ``type`` and the fields of every registered choice."""
+    if path in _CHOICE_CLASSES:
+        keys: dict[str, type | None] = {"type": None}
+        for choice in cls.get_known_choices().values():
+            keys.update({name: None for name in _field_names(choice) if name not in keys})
+        return keys
+    keys = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{path}.{f.name}" if path else f.name
+        child = _CHOICE_CLASSES.get(sub)
+        if child is None and f.default_factory is not dataclasses.MISSING:
+            made = type(f.default_factory())
+            child = made if dataclasses.is_dataclass(made) else None
+        keys[f.name] = child
+    return keys
+
+
+def _check_override_keys(overrides: Sequence[str]) -> None:
+    """``--dotted.key`` overrides that name no key of the schema get the YAML path's message (what is unknown,
+    where, the valid keys) instead of argparse's usage dump. Runs after the mixture and string-source rewrites."""
+    for a in overrides:
+        if not a.startswith("--"):
+            continue
+        flag = a.split("=", 1)[0]
+        parts, cls, path = flag[2:].split("."), Config, ""
+        for i, part in enumerate(parts):
+            keys = _schema_keys(cls, path)
+            if part not in keys:
+                raise ConfigError(f"{_unknown_keys(part, path, ', '.join(keys))} (command line: {flag})")
+            path, cls = f"{path}.{part}" if path else part, keys[part]
+            if cls is None:
+                if i + 1 < len(parts) and path not in _CHOICE_CLASSES:
+                    raise ConfigError(f"unknown key(s) {parts[i + 1]} under '{path}': {path} is a value, it has "
+                                      f"no keys (command line: {flag})")
+                break
 
 
 def _resolve_class(path: str, cls_name: str):
@@ -91,8 +134,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     path, overrides = _apply_string_sources(path, overrides, given)
     path = _apply_type_switches(path, overrides, given)
     try:
+        _check_override_keys(overrides)
         args = _with_choice_types(path, list(overrides))
         cfg = draccus.parse(Config, config_path=str(path) if path else None, args=args)
+    except ConfigError:
+        raise
     except SystemExit as e:  # argparse exits on unknown CLI flags
         raise ConfigError(f"bad command-line override(s) {' '.join(overrides)}: see `lvlm train --help`") from e
     except Exception as e:  # draccus.utils.DecodingError and friends
@@ -318,6 +364,13 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    for name, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {beta}")
+    if not 0.0 < o.eps < float("inf"):
+        raise ConfigError(f"optim.eps must be a finite number > 0, got {o.eps}")
+    if not 0.0 <= o.weight_decay < float("inf"):
+        raise ConfigError(f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}")
     t = cfg.train
     _positive("train.max_steps", t.max_steps)
     _positive("train.micro_batch_size", t.micro_batch_size)
@@ -389,6 +442,25 @@ def _check_stage(cfg: Config) -> None:
         value = getattr(s.lr, part)
         if not (value >= 0 and value != float("inf")):
             raise ConfigError(f"stage.lr.{part} must be a finite number >= 0 (0 = optim.lr), got {value}")
+    _check_stage_lr(cfg)
+
+
+def _check_stage_lr(cfg: Config) -> None:
+    """A per-part learning rate for a part this stage does not train would have no effect: refused, like
+    stage.vision_from_layer without stage.train_vision."""
+    s = cfg.stage
+    trains = {"vision": ("stage.train_vision", s.train_vision), "connector": ("stage.train_connector",
+              s.train_connector), "llm": ("stage.train_llm", s.train_llm)}
+    for part, (flag, on) in trains.items():
+        if getattr(s.lr, part) and not on:
+            raise ConfigError(f"stage.lr.{part} is set ({getattr(s.lr, part)}) but {flag} is false: it would have "
+                              "no effect")
+    if s.lr.moca and not cfg.model.moca:
+        raise ConfigError(f"stage.lr.moca is set ({s.lr.moca}) but model.moca is false: there is no MoCa to train")
+    train_moca = s.train_connector if s.train_moca is None else s.train_moca
+    if s.lr.moca and not train_moca:
+        raise ConfigError(f"stage.lr.moca is set ({s.lr.moca}) but MoCa does not train (stage.train_moca is "
+                          f"{s.train_moca}, stage.train_connector is {s.train_connector}): it would have no effect")
 
 
 def dump_config(cfg: Config) -> str:

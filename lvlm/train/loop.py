@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from lvlm.config import ConfigError
 from lvlm.config.schema import Config
 from lvlm.data.build import build_train_loader, stop_workers
 from lvlm.data.skips import merge_skip_counts
@@ -83,8 +84,11 @@ def train(cfg: Config) -> Summary:
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
     model, image_transform, tokenizer = build_lvlm(cfg.model)
     carried = frozenset(_init_from(model, cfg.stage.init_from))
-    lora.add_lora(model, cfg.stage)
-    plan = stages.apply_stage(model, cfg.stage)
+    try:
+        lora.add_lora(model, cfg.stage)
+        plan = stages.apply_stage(model, cfg.stage)
+    except ValueError as e:  # a stage this model cannot have (e.g. stage.vision_from_layer past its blocks)
+        raise ConfigError(str(e)) from e
     log.info("stage '%s': trainable parameters\n%s", cfg.stage.name, stages.parameter_table(model))
     if cfg.train.activation_checkpointing:
         model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -71,7 +71,7 @@ def test_bad_axis_key_fails_before_any_cell_trains(tiny, tmp_path):
     path = write_grid(tmp_path, tiny, {"optim.lr": [1.0e-3], "unlock": {"llm": {"stage.train_lm": True}}})
     proc = ablate(path)
     assert proc.returncode == 2
-    assert "cell lr=1e-3__unlock=llm: unrecognized arguments: --stage.train_lm true" in proc.stderr
+    assert "cell lr=1e-3__unlock=llm: unknown key(s) train_lm under 'stage'; valid keys:" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

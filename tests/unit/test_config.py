@@ -1,6 +1,8 @@
 """Config loading: every shipped YAML parses, overrides apply, bad configs are refused with a clear message."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,94 @@ def test_mir_probe_sources_take_any_source_and_the_string_form(tmp_path):
     assert load_config(y).mir.images.files == "/x/docs.tar"
     with pytest.raises(ConfigError, match="valid choices: interleaved, llava_json, text, webdataset"):
         load_config(None, ["--mir.texts.type", "csv"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--optim.beta1", "-0.1"], "optim.beta1 must be in [0, 1), got -0.1"),
+    (["--optim.beta1", "1.0"], "optim.beta1 must be in [0, 1), got 1.0"),
+    (["--optim.beta2", "1.5"], "optim.beta2 must be in [0, 1), got 1.5"),
+    (["--optim.eps", "0"], "optim.eps must be a finite number > 0, got 0.0"),
+    (["--optim.eps=-1e-8"], "optim.eps must be a finite number > 0, got -1e-08"),
+    (["--optim.weight_decay", "-0.1"], "optim.weight_decay must be a finite number >= 0, got -0.1"),
+    (["--optim.weight_decay", "nan"], "optim.weight_decay must be a finite number >= 0, got nan"),
+])
+def test_out_of_range_adamw_values_are_refused_at_load(overrides, expected):
+    """AdamW would take them (or fail only once the optimizer is built): refused with the key, value and range."""
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(None, overrides)
+
+
+def test_adamw_edge_values_in_range_load():
+    cfg = load_config(None, ["--optim.beta1", "0", "--optim.beta2", "0.95", "--optim.eps", "1e-6",
+                             "--optim.weight_decay", "0"])
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay) == (0.0, 0.95, 1e-6, 0.0)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--stage.lr.vision", "1e-5"], "stage.lr.vision is set (1e-05) but stage.train_vision is false: it would "
+                                    "have no effect"),
+    (["--stage.lr.llm", "1e-5"], "stage.lr.llm is set (1e-05) but stage.train_llm is false"),
+    (["--stage.train_llm", "true", "--stage.train_connector", "false", "--stage.lr.connector", "1e-3"],
+     "stage.lr.connector is set (0.001) but stage.train_connector is false"),
+    (["--stage.lr.moca", "1e-5"], "stage.lr.moca is set (1e-05) but model.moca is false: there is no MoCa to train"),
+    (["--model.moca", "true", "--stage.train_moca", "false", "--stage.lr.moca", "1e-5"],
+     "stage.lr.moca is set (1e-05) but MoCa does not train"),
+])
+def test_stage_lr_for_a_part_that_does_not_train_is_refused(overrides, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(None, overrides)
+
+
+def test_stage_lr_for_trained_parts_loads():
+    cfg = load_config(None, ["--stage.train_llm", "true", "--stage.lr.llm", "2e-5", "--stage.lr.connector", "1e-3",
+                             "--model.moca", "true", "--stage.lr.moca", "1e-4"])  # MoCa trains with the connector
+    assert (cfg.stage.lr.llm, cfg.stage.lr.connector, cfg.stage.lr.moca) == (2e-5, 1e-3, 1e-4)
+    cfg = load_config(None, ["--stage.train_vision", "true", "--stage.lr.vision", "1e-6"])
+    assert cfg.stage.lr.vision == 1e-6
+
+
+def test_stage_the_built_model_cannot_have_is_a_clean_config_error(tmp_path):
+    """stage.vision_from_layer past the encoder's blocks is known only once the model is built: `lvlm train`
+    still exits 2 with a config error (no traceback) and writes no run directory."""
+    import subprocess
+    import sys
+
+    from model_fixtures import save_llm
+    from vision_fixtures import save_hf
+
+    save_hf("clip", tmp_path / "clip")
+    save_llm("llama", tmp_path / "llama")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lvlm", "train", "--model.vision.type", "hf", "--model.vision.name_or_path",
+           str(tmp_path / "clip"), "--model.llm.name_or_path", str(tmp_path / "llama"),
+           "--data.source.shards", str(tmp_path / "none-{000000..000001}.tar"), "--mir.every", "0",
+           "--mir.images", str(tmp_path / "none.tar"), "--mir.texts", str(tmp_path / "none.jsonl"),
+           "--stage.train_vision", "true", "--stage.vision_from_layer", "99", "--run_dir", str(run)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "lvlm train: config error: stage.vision_from_layer 99 leaves nothing to train" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run.exists()
+
+
+def test_unknown_cli_key_gets_the_yaml_message_not_a_usage_dump(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage:\n  lr:\n    lm: 1.0e-5\n")
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(bad)
+    with pytest.raises(ConfigError) as from_cli:
+        load_config(None, ["--train.max_steps", "3", "--stage.lr.lm", "1e-5"])
+    want = "unknown key(s) lm under 'stage.lr'; valid keys: vision, connector, llm, moca"
+    assert str(from_yaml.value) == want and str(from_cli.value).startswith(want)
+    assert "--stage.lr.lm" in str(from_cli.value)
+    assert "usage:" not in capsys.readouterr().err  # argparse never ran
+    with pytest.raises(ConfigError, match=re.escape("unknown key(s) lrr under 'optim'; valid keys: lr, weight_decay")):
+        load_config(None, ["--optim.lrr=1e-5"])
+    with pytest.raises(ConfigError, match=re.escape("unknown key(s) foo under '<top level>'; valid keys: run_dir")):
+        load_config(None, ["--foo", "1"])
+    with pytest.raises(ConfigError, match=re.escape("unknown key(s) x under 'optim.lr': optim.lr is a value")):
+        load_config(None, ["--optim.lr.x", "1"])
+    with pytest.raises(ConfigError, match=re.escape("unknown key(s) foo under 'model.connector'; valid keys: type,")):
+        load_config(None, ["--model.connector.foo", "1"])
+    assert "usage:" not in capsys.readouterr().err
