@@ -31,6 +31,11 @@ from lvlm.data.sample import ImageSegment, Segment, TextSegment
 __all__ = ["LLAVA_SYSTEM", "is_chat", "render_chat"]
 
 
+class ChatFormatError(ValueError):
+    """The tokenizer's chat template cannot format a conversation (it raised, e.g. "roles must alternate",
+    or dropped a message): a property of that one sample, which the data path skips and counts."""
+
+
 def _marker(i: int) -> str:
     return f"\x00LVLM{i}\x00"
 
@@ -104,7 +109,8 @@ def _template_pieces(groups, tokenizer, system_prompt: str, add_generation_promp
     for i, (role, parts) in enumerate(groups):
         before, found, after = rest.partition(_marker(i))
         if not found:
-            raise ValueError(f"the chat template dropped message {i} ({role}); it cannot format this conversation")
+            raise ChatFormatError(f"the chat template dropped message {i} ({role}); it cannot format this "
+                                  "conversation")
         if before:
             out.append(TextSegment(before, role="system"))
         content = _content(role, parts, "assistant")
@@ -169,7 +175,13 @@ def render_chat(segments: list[Segment], tokenizer, system_prompt: str = "",
         return []
     use_template = bool(getattr(tokenizer, "chat_template", None)) if template is None else template
     if use_template:
-        pieces = _template_pieces(groups, tokenizer, system_prompt, add_generation_prompt)
+        from jinja2 import TemplateError  # what a template's raise_exception(...) raises
+
+        try:
+            pieces = _template_pieces(groups, tokenizer, system_prompt, add_generation_prompt)
+        except TemplateError as e:
+            roles = " / ".join(role for role, _ in groups)
+            raise ChatFormatError(f"the chat template refuses this conversation (turns: {roles}): {e}") from e
     else:
         pieces = _llava_v1_pieces(groups, system_prompt, add_generation_prompt)
     return _merge(pieces)

@@ -43,7 +43,7 @@ class SkipCounter:
 # up across readers. Every other reason is detected while reading the shared stream, which every reader
 # (each worker of each rank) walks in full, so each reader counts every such skip and the max is the truth.
 PARTITIONED_REASONS = frozenset({"image_exceeds_max_length", "no_supervised_tokens", "corrupt_image",
-                                 "unreadable_image"})
+                                 "unreadable_image", "bad_conversation"})
 # Reasons that count dropped parts of a sample that is still used (an image past max_images, an absent image
 # file of an mmc4/obelics document): reported, but not skipped samples, so they never count towards
 # data.max_skip_fraction.

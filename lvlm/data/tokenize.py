@@ -23,12 +23,15 @@ a caption) are removed, so the number of image spans always equals the number of
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from lvlm.data.chat import is_chat, render_chat
+from lvlm.data.chat import ChatFormatError, is_chat, render_chat
 from lvlm.data.sample import ImageSegment, Sample, Segment, TextSegment
 from lvlm.data.skips import SkipCounter
+
+log = logging.getLogger("lvlm.data")
 
 IGNORE_INDEX = -100
 
@@ -92,6 +95,7 @@ class SampleTokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.system_prompt = system_prompt
+        self._warned_format = False  # the first conversation the chat template refuses is logged, later ones counted
 
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -100,7 +104,16 @@ class SampleTokenizer:
     def __call__(self, sample: Sample, skips: Optional[SkipCounter] = None) -> Optional[TokenizedSample]:
         segments = sample.segments
         if is_chat(segments):
-            segments = render_chat(segments, self.tokenizer, self.system_prompt)
+            try:
+                segments = render_chat(segments, self.tokenizer, self.system_prompt)
+            except ChatFormatError as e:  # this record only (e.g. a ShareGPT conversation opening with gpt)
+                if not self._warned_format:
+                    log.warning("sample %r skipped (bad_conversation; later ones are only counted): %s",
+                                sample.key, e)
+                    self._warned_format = True
+                if skips is not None:
+                    skips.add("bad_conversation")
+                return None
         try:
             ids, labels, images = self._layout(segments)
         except TypeError as e:

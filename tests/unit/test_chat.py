@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lvlm.data.chat import LLAVA_SYSTEM, is_chat, render_chat
+from lvlm.data.chat import LLAVA_SYSTEM, ChatFormatError, is_chat, render_chat
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
+from lvlm.data.skips import SkipCounter
 from lvlm.data.tokenize import IGNORE_INDEX, SampleTokenizer
 
 from data_fixtures import build_tokenizer, jpeg_bytes
@@ -96,6 +97,28 @@ def test_tokenized_labels_are_answers_and_one_end_of_turn(template):
     assert ends == 2, f"one end-of-turn per answer: {decoded!r}"
     assert out.input_ids.count(ids["image_token_id"]) == 3
     assert out.input_ids[0] == tok.bos_token_id and out.input_ids[1] != tok.bos_token_id
+
+
+def test_a_conversation_the_template_refuses_is_skipped_and_counted(caplog):
+    """Templates that enforce user/assistant alternation (Llama-2, Mistral, Gemma) raise on a conversation that
+    opens with an assistant turn (ShareGPT records in LLaVA's SFT mix do): that sample is skipped and counted
+    as bad_conversation (its key logged once), the run goes on; render_chat itself says what was refused."""
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+              "[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    tok = tokenizer(strict)
+    st = SampleTokenizer(tok, image_token_id=tok.convert_tokens_to_ids("<image>"), tokens_per_image=3,
+                         max_length=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    skips = SkipCounter()
+    opens_with_answer = [TextSegment("a picture of shapes", role="assistant"), *conversation()]
+    with caplog.at_level("WARNING", logger="lvlm.data"):
+        assert st(Sample(opens_with_answer, key="rec-5"), skips) is None
+        assert st(Sample(opens_with_answer, key="rec-6"), skips) is None
+    assert skips.as_dict() == {"bad_conversation": 2}
+    assert "rec-5" in caplog.text and "rec-6" not in caplog.text
+    assert st(Sample(conversation(), key="ok"), skips) is not None      # the well-formed ones still train
+    with pytest.raises(ChatFormatError, match="turns: assistant / user / assistant / user / assistant.*alternate"):
+        render_chat(opens_with_answer, tok)
 
 
 def test_captions_and_documents_are_not_chats():
