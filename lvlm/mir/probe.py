@@ -9,10 +9,14 @@ belongs to neither). Knows nothing of models beyond the tokenizer and the token 
 
 Selection: the sources' epoch-0 order for seed 0 (their refs: cheap, nothing decoded), ``mir.num_samples``
 indices of each drawn by an RNG seeded with ``mir.seed``; only the chosen samples are loaded. A chosen image
-sample without an image (a text-only record of a llava_json or interleaved source) or that fails to load is
-passed over and replaced by the next of a seeded order of the others (counted in the probe's ``skipped``);
-likewise a text sample with no text. Sources where every sample qualifies (webdataset captions, text
-documents) thus select exactly the first draw.
+sample without an image (a text-only record of a llava_json or interleaved source), that fails to load or
+whose image does not decode is passed over and replaced by the next of a seeded order of the others (counted
+in the probe's ``skipped``); likewise a text sample with no text. Sources where every sample qualifies
+(webdataset captions, text documents) thus select exactly the first draw.
+
+The digest identifies what the model is fed, not where it came from: per pair the sha256 of the image's
+encoded bytes and the tokenized sample (text, chat formatting, max_length), plus the image transform's
+parameters (or, for a transform without ``describe()``, the pixels). Same digest, same probe inputs.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ class ProbeSet:
     batches: list[dict]
     """Collated batches (input_ids, attention_mask, pixel_values, vision_mask, text_mask)."""
     digest: str
-    """sha256 of the selected image keys and text indices, in pairing order."""
+    """sha256 of the probe's content: images, token ids, image transform (module docstring)."""
     num_samples: int
     skipped: dict = field(default_factory=dict)
     """Samples passed over while selecting (reason -> count), and what the sources skipped while listing."""
@@ -48,7 +52,35 @@ def _refs(cfg: SourceConfig, role: str, skips: SkipCounter) -> list[SampleRef]:
 
 
 def _image_of(sample: Sample) -> ImageSegment | None:
-    return next((s for s in sample.segments if isinstance(s, ImageSegment)), None)
+    """The sample's first image (None: it has none); OSError when it does not decode."""
+    image = next((s for s in sample.segments if isinstance(s, ImageSegment)), None)
+    if image is not None:
+        try:
+            image.load()
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise OSError(f"probe image of {sample.key!r} does not decode: {e}") from e
+    return image
+
+
+def _image_digest(image: ImageSegment) -> str:
+    if isinstance(image.data, bytes):
+        return hashlib.sha256(image.data).hexdigest()
+    return hashlib.sha256(f"{image.data.mode} {image.data.size}".encode() + image.data.tobytes()).hexdigest()
+
+
+def _digest(images: list, samples: list, batches: list[dict], image_transform) -> str:
+    """See the module docstring: what the model is fed, in pairing order."""
+    describe = getattr(image_transform, "describe", None)
+    if describe is not None:
+        pixels = describe()
+    else:
+        h = hashlib.sha256()
+        for batch in batches:
+            h.update(batch["pixel_values"].numpy().tobytes())
+        pixels = h.hexdigest()
+    content = {"images": [_image_digest(image) for _, image in images],
+               "input_ids": [list(sample.input_ids) for sample in samples], "transform": pixels}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _text_of(sample: Sample) -> str | None:
@@ -79,7 +111,7 @@ def _select(refs: list[SampleRef], n: int, rng: random.Random, backup_seed: str,
                 break
             skips.add(reason)
             if not backup:
-                raise ValueError(f"MIR probe needs {n} {role}; only {len(out)} of those in {what} are usable "
+                raise ValueError(f"MIR probe needs {n} {role}; fewer of those in {what} are usable "
                                  f"(passed over: {skips.as_dict()}) (mir.num_samples)")
             i = backup.pop()
     return out
@@ -100,8 +132,6 @@ def build_probe(cfg: MIRConfig, *, tokenizer, image_transform, image_size: int, 
                      _describe(cfg.images), skips)
     texts = _select(text_refs, cfg.num_samples, rng, f"lvlm.mir.probe/{cfg.seed}/texts", _text_of, "texts",
                     _describe(cfg.texts), skips)
-    digest = hashlib.sha256(json.dumps([[image_refs[i].key for i, _ in images], [j for j, _ in texts]]).encode()
-                            ).hexdigest()
     system = "" if getattr(tokenizer, "chat_template", None) else cfg.system_prompt  # a template has its own
     tok = SampleTokenizer(tokenizer, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
                           max_length=cfg.max_length, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
@@ -119,10 +149,11 @@ def build_probe(cfg: MIRConfig, *, tokenizer, image_transform, image_size: int, 
     for start in range(0, len(samples), cfg.batch_size):
         chunk = samples[start:start + cfg.batch_size]
         batch = collate(chunk, image_transform, pad_token_id, image_size)
-        if batch["num_samples"] != len(chunk):
+        if batch["num_samples"] != len(chunk):  # decoded once already in _select: a changed file
             raise ValueError("a probe image could not be decoded; use other mir.images")
         batches.append(add_row_masks(batch, image_token_id))
-    return ProbeSet(batches=batches, digest=digest, num_samples=len(samples), skipped=skips.as_dict())
+    return ProbeSet(batches=batches, digest=_digest(images, samples, batches, image_transform),
+                    num_samples=len(samples), skipped=skips.as_dict())
 
 
 def add_row_masks(batch: dict, image_token_id: int) -> dict:

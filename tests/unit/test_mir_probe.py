@@ -1,11 +1,14 @@
 """The MIR probe set from any configured data source: images from a LLaVA JSON whose text-only records are
-passed over (and counted), texts from a parquet column; seeded and hashed; too few usable samples refused."""
+passed over (and counted), texts from a parquet column; seeded and hashed on content; undecodable images
+passed over; too few usable samples refused."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
-from data_fixtures import IMAGE_SIZE, image_transform, write_llava
+from data_fixtures import IMAGE_SIZE, image_transform, jpeg_bytes, write_llava
 from mixed_fixtures import write_parquet
 
 from lvlm.config.schema import LLaVAJsonSourceConfig, MIRConfig, TextSourceConfig
@@ -63,7 +66,50 @@ def test_probe_from_llava_json_images_and_parquet_texts(sources):
 
 def test_probe_refuses_too_few_usable_samples(sources):
     images, texts, _, _ = sources
-    with pytest.raises(ValueError, match=r"needs 7 images; only 6 of those in mir llava_json source .* are usable"):
+    with pytest.raises(ValueError, match=r"needs 7 images; fewer of those in mir llava_json source .* are usable"):
         probe(MIRConfig(images=images, texts=texts, num_samples=7, max_length=256))
     with pytest.raises(ValueError, match=r"needs 13 images; mir llava_json source .* holds 10"):
         probe(MIRConfig(images=images, texts=texts, num_samples=13, max_length=256))
+
+
+def test_the_digest_follows_the_probe_content_not_its_location(sources, tmp_path):
+    """Same inputs anywhere -> same digest; other texts, other image bytes under the same names, or a
+    mir.max_length that cuts the texts (other token ids) -> another digest (it once hashed only keys and text
+    indices)."""
+    images, texts, _, articles = sources
+    cfg = dict(num_samples=6, max_length=256)
+    base = probe(MIRConfig(images=images, texts=texts, **cfg))[0].digest
+    moved = tmp_path / "moved"
+    shutil.copytree(os.path.dirname(images.json_path), moved)
+    relocated = LLaVAJsonSourceConfig(json_path=str(moved / "chat.json"), image_folder=str(moved / "images"),
+                                      format="chat")
+    assert probe(MIRConfig(images=relocated, texts=texts, **cfg))[0].digest == base
+    changed = [a.replace("square", "circle") for a in articles]
+    other = write_parquet(str(tmp_path / "other.parquet"), {"article": changed, "id": list(range(12))})
+    other_texts = TextSourceConfig(format="parquet", files=other, field="article")
+    assert probe(MIRConfig(images=images, texts=other_texts, **cfg))[0].digest != base
+    assert probe(MIRConfig(images=images, texts=texts, num_samples=6, max_length=14))[0].digest != base  # texts cut
+    for i in range(10):  # same file names, other pictures
+        path = moved / "images" / "00000" / f"{i:05d}.jpg"
+        if path.exists():
+            path.write_bytes(jpeg_bytes(i + 50))
+    assert probe(MIRConfig(images=relocated, texts=texts, **cfg))[0].digest != base
+
+
+def test_an_undecodable_probe_image_is_passed_over_and_counted(tmp_path):
+    """Half of the 10 images are not JPEGs: the probe of 5 uses exactly the 5 good ones and counts the bad ones
+    it drew; one more than the good ones is refused, naming the reason."""
+    json_path, folder = write_llava(str(tmp_path / "llava"), 10)
+    for i in range(0, 10, 2):
+        with open(os.path.join(folder, "00000", f"{i:05d}.jpg"), "wb") as f:
+            f.write(b"not a jpeg")
+    images = LLaVAJsonSourceConfig(json_path=json_path, image_folder=folder, format="chat")
+    texts = write_parquet(str(tmp_path / "t.parquet"), {"article": [f"a red circle {i}" for i in range(10)]})
+    texts = TextSourceConfig(format="parquet", files=texts, field="article")
+    got = probe(MIRConfig(images=images, texts=texts, num_samples=5, max_length=256))[0]
+    assert got.num_samples == 5 and got.skipped.get("mir_images_unreadable", 0) >= 1
+    pixels = {tuple(p.flatten().tolist()) for b in got.batches for p in b["pixel_values"]}
+    assert len(pixels) == 5
+    with pytest.raises(ValueError, match=r"needs 6 images; fewer .* usable .*mir_images_unreadable': 5"):
+        probe(MIRConfig(images=images, texts=texts, num_samples=6, max_length=256))
+

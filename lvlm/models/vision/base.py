@@ -128,9 +128,13 @@ class ResizeCropNormalize:
     """
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.size = size
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
         self.offset = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+
+    def describe(self) -> dict:
+        """The parameters that determine the output (e.g. for the MIR probe's digest)."""
+        return {"transform": "resize-crop-normalize", "size": self.size, "mean": self.mean, "std": self.std}
 
     def box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The source-image box that Resize(size) + CenterCrop(size) would keep."""
