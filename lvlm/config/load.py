@@ -346,6 +346,7 @@ def validate(cfg: Config) -> Config:
     if not llm.name_or_path:
         raise ConfigError("model.llm.name_or_path is empty: give a local directory or hub id")
     vision = cfg.model.vision
+    _one_of("model.vision.resize", vision.resize, ("auto", "crop", "squash", "pad"))
     if getattr(vision, "name_or_path", None) == "":
         raise ConfigError("model.vision.name_or_path is empty: give a local directory or hub id")
     if getattr(vision, "arch", None) == "":

@@ -24,6 +24,10 @@ class VisionConfig(draccus.ChoiceRegistry):
     """Keep the CLS/prefix token(s) in the features (LLaVA drops them)."""
     image_size: Optional[int] = None
     """Run at this resolution instead of the encoder's native one (positions are interpolated)."""
+    resize: str = "auto"
+    """How an image becomes the encoder's square input: auto (the backbone's own preprocessing: CLIP/EVA crop,
+    SigLIP squash), crop (short side to size, centre crop), squash (both sides to size, aspect ratio lost),
+    pad (pad to a square with the mean colour, then resize: LLaVA-1.5 SFT's / Bunny's image_aspect_ratio pad)."""
 
 
 @VisionConfig.register_subclass("hf")

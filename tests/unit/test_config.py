@@ -62,6 +62,7 @@ def test_override_of_choice_field_keeps_current_type():
     (["--train.precision", "fp16"], "valid choices: fp32, bf16"),
     (["--optim.schedule", "step"], "valid choices: cosine, linear, constant"),
     (["--model.llm.dtype", "float64"], "valid choices: float32, bfloat16, float16"),
+    (["--model.vision.resize", "stretch"], "model.vision.resize; valid choices: auto, crop, squash, pad"),
     (["--model.connector.activation", "swish"], "valid choices: gelu, relu, silu, tanh"),
     (["--optim.lr", "fast"], "optim.lr"),
     (["--train.micro_batch_size", "0"], "train.micro_batch_size must be > 0"),

@@ -275,9 +275,11 @@ def test_build_vision_rejects_unknown_config_type():
         build_vision(VisionConfig())
 
 
-def test_fast_image_transform_matches_torchvision_composition():
-    """One box resize + fused normalisation == Resize(short side) -> CenterCrop -> ToTensor -> Normalize,
-    to within one grey level, for portrait, landscape, square, up- and down-scaled images; picklable."""
+@pytest.mark.parametrize("mode", ["crop", "squash", "pad"])
+def test_fast_image_transform_matches_torchvision_composition(mode):
+    """One box resize + fused normalisation == the composed torchvision steps of each resize mode (crop:
+    Resize(short side) -> CenterCrop; squash: Resize((s, s)); pad: expand to square -> Resize), to within one
+    grey level, for portrait, landscape, square, up- and down-scaled images; picklable."""
     import pickle
 
     import numpy as np
@@ -286,8 +288,8 @@ def test_fast_image_transform_matches_torchvision_composition():
     from lvlm.models.vision.base import ResizeCropNormalize
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    fast = ResizeCropNormalize(56, mean, std)
-    enc = type("E", (), {"image_size": 56, "mean": mean, "std": std})
+    fast = ResizeCropNormalize(56, mean, std, mode)
+    enc = type("E", (), {"image_size": 56, "mean": mean, "std": std, "resize": mode})
     from lvlm.models.vision.base import VisionEncoder
 
     reference = VisionEncoder.reference_transform(enc)
@@ -303,3 +305,57 @@ def test_fast_image_transform_matches_torchvision_composition():
         assert float((a - b).abs().mean()) < 1e-3
     assert torch.equal(pickle.loads(pickle.dumps(fast))(image), fast(image))
     assert fast(image.convert("L")).shape == (3, 56, 56)                # non-RGB input converted
+
+
+def _quarter_red(width: int = 112, height: int = 56) -> Image.Image:
+    """A wide image whose left quarter is red and the rest blue: a centre crop loses every red pixel."""
+    import numpy as np
+
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 4] = (255, 0, 0)
+    pixels[:, width // 4:] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+def test_resize_auto_follows_the_backbones_own_preprocessing(tmp_path):
+    """auto: SigLIP squashes the whole image to a square as its own processors do (HF SiglipImageProcessor,
+    open_clip's resize_mode squash), CLIP centre-crops as CLIPImageProcessor does; an explicit mode wins."""
+    import json
+
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    image = _quarter_red()
+    vf.save_hf("siglip", tmp_path / "siglip")
+    siglip = build_vision(HFVisionConfig(name_or_path=str(tmp_path / "siglip"), random_init=True))
+    assert siglip.resize == "squash"                                   # the family default, no processor file
+    SiglipImageProcessor(size={"height": siglip.image_size, "width": siglip.image_size}).save_pretrained(
+        tmp_path / "siglip")
+    siglip = build_vision(HFVisionConfig(name_or_path=str(tmp_path / "siglip")))
+    want = SiglipImageProcessor.from_pretrained(tmp_path / "siglip")(image, return_tensors="pt").pixel_values[0]
+    got = siglip.image_transform()(image)
+    assert (got[0] > 0).float().mean() == pytest.approx(0.25, abs=0.03)  # the red quarter is kept
+    assert (got - want).abs().max() < 0.05
+    vf.save_hf("clip", tmp_path / "clip")
+    size = build_vision(HFVisionConfig(name_or_path=str(tmp_path / "clip"), random_init=True)).image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        tmp_path / "clip")
+    clip = build_vision(HFVisionConfig(name_or_path=str(tmp_path / "clip")))
+    want = CLIPImageProcessor.from_pretrained(tmp_path / "clip")(image, return_tensors="pt").pixel_values[0]
+    assert clip.resize == "crop" and (clip.image_transform()(image) - want).abs().max() < 0.05
+    padded = build_vision(HFVisionConfig(name_or_path=str(tmp_path / "clip"), resize="pad")).image_transform()(image)
+    assert padded[:, 0].abs().max() < 0.02 and padded[:, -1].abs().max() < 0.02  # mean-colour rows: 0 once normalised
+    assert (padded[0] > 1.0).float().mean() == pytest.approx(0.125, abs=0.03)    # all red kept, in half the height
+
+    vf.register_tiny_siglip()
+    oc = tmp_path / "oc_siglip"
+    vf.save_open_clip("siglip", oc)
+    cfg = json.loads((oc / "open_clip_config.json").read_text())
+    cfg["preprocess_cfg"] = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
+    (oc / "open_clip_config.json").write_text(json.dumps(cfg))
+    enc = build_vision(OpenCLIPVisionConfig(arch=str(oc), pretrained=str(oc / "open_clip_model.safetensors")))
+    _, _, theirs = open_clip.create_model_and_transforms(f"local-dir:{oc}")
+    assert enc.resize == "squash" and (enc.image_transform()(image) - theirs(image)).abs().max() < 0.05
+    cropped = build_vision(OpenCLIPVisionConfig(arch=str(oc), pretrained=str(oc / "open_clip_model.safetensors"),
+                                                resize="crop"))
+    assert cropped.resize == "crop" and (cropped.image_transform()(image)[0] > 0).float().mean() == 0.0
+

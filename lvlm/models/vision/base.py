@@ -31,15 +31,23 @@ class EncoderContract:
     std: tuple[float, float, float]
     layer_cls: type[nn.Module]
     num_layers: int
+    resize: str = "crop"
+    """The backbone's own way to a square input (one of RESIZE_MODES): what ``model.vision.resize: auto`` uses."""
+
+
+RESIZE_MODES = ("crop", "squash", "pad")
 
 
 class VisionEncoder(nn.Module, ABC):
     """Contract: embed dim, image size, mean/std, token count, feature layer, CLS policy, layer class."""
 
-    def __init__(self, feature_layer: int = -2, keep_cls: bool = False) -> None:
+    def __init__(self, feature_layer: int = -2, keep_cls: bool = False, resize: str = "auto") -> None:
         super().__init__()
+        if resize != "auto" and resize not in RESIZE_MODES:
+            raise ValueError(f"resize {resize!r} is not valid; choose auto or one of {', '.join(RESIZE_MODES)}")
         self.feature_layer = feature_layer
         self.keep_cls = keep_cls
+        self._resize = resize
 
     def set_contract(self, contract: EncoderContract) -> None:
         """Backends call this once built: every contract property below reads from it."""
@@ -76,6 +84,11 @@ class VisionEncoder(nn.Module, ABC):
         return self.contract.std
 
     @property
+    def resize(self) -> str:
+        """How images become square inputs: the configured mode, or the backbone's own for ``auto``."""
+        return self.contract.resize if self._resize == "auto" else self._resize
+
+    @property
     def layer_cls(self) -> type[nn.Module]:
         """Transformer block class (activation checkpointing, ZeRO-3 leaf modules)."""
         return self.contract.layer_cls
@@ -102,23 +115,38 @@ class VisionEncoder(nn.Module, ABC):
 
     def image_transform(self) -> Callable:
         """PIL image -> normalised float tensor [3, image_size, image_size] (see ``ResizeCropNormalize``)."""
-        return ResizeCropNormalize(self.image_size, self.mean, self.std)
+        return ResizeCropNormalize(self.image_size, self.mean, self.std, self.resize)
 
     def reference_transform(self) -> Callable:
-        """The same transform as composed torchvision steps (Resize short side, CenterCrop, ToTensor,
-        Normalize), as CLIP/open_clip preprocess: the yardstick ``image_transform`` is tested against."""
-        size = self.image_size
-        return T.Compose([
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ])
+        """The same transform as composed torchvision steps (crop: Resize short side + CenterCrop, as CLIP/
+        open_clip preprocess; squash: Resize to (size, size), as SigLIP's; pad: LLaVA's expand-to-square with
+        the mean colour, then Resize), ToTensor, Normalize: the yardstick ``image_transform`` is tested against."""
+        size, mode = self.image_size, getattr(self, "resize", "crop")
+        bicubic = T.InterpolationMode.BICUBIC
+        steps = [T.Lambda(lambda im: im.convert("RGB"))]
+        if mode == "pad":
+            steps.append(T.Lambda(lambda im: pad_to_square(im, self.mean)))
+        steps += [T.Resize((size, size), interpolation=bicubic)] if mode == "squash" else \
+                 [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)]
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+
+def pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
+    """The image centred on a square canvas of its longer side, filled with the mean colour (LLaVA's
+    expand2square), so that after normalisation the padding is 0."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 class ResizeCropNormalize:
-    """Bicubic resize of the short side to ``size`` + centre crop + normalise, in one PIL resize.
+    """Bicubic resize to ``size`` x ``size`` + normalise in one PIL resize, the square taken by ``mode``: crop
+    (short side to ``size`` + centre crop, the default), squash (the whole image, aspect ratio lost) or pad
+    (``pad_to_square`` first).
 
     Equivalent to torchvision's Resize(size) -> CenterCrop(size) -> ToTensor -> Normalize, but the crop
     is mapped back to a box of the source image and resized in one step (no full-size intermediate),
@@ -127,14 +155,17 @@ class ResizeCropNormalize:
     A plain class (not a lambda) so data-loader workers can pickle it.
     """
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "crop") -> None:
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode {mode!r} is not valid; choose one of {', '.join(RESIZE_MODES)}")
+        self.size, self.mean, self.std, self.mode = size, tuple(mean), tuple(std), mode
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
         self.offset = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
 
     def describe(self) -> dict:
         """The parameters that determine the output (e.g. for the MIR probe's digest)."""
-        return {"transform": "resize-crop-normalize", "size": self.size, "mean": self.mean, "std": self.std}
+        return {"transform": "resize-normalize", "size": self.size, "mean": self.mean, "std": self.std,
+                "resize": self.mode}
 
     def box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The source-image box that Resize(size) + CenterCrop(size) would keep."""
@@ -150,6 +181,9 @@ class ResizeCropNormalize:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        out = image.resize((self.size, self.size), Image.BICUBIC, box=self.box(*image.size))
+        if self.mode == "pad":
+            image = pad_to_square(image, self.mean)
+        box = (0.0, 0.0, *image.size) if self.mode == "squash" else self.box(*image.size)
+        out = image.resize((self.size, self.size), Image.BICUBIC, box=box)
         pixels = torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).float()   # [3, size, size] 0..255
         return pixels.mul_(self.scale).sub_(self.offset)

@@ -2,7 +2,7 @@
 
 Owns: reading a local or cached transformers checkpoint (a full CLIP/SigLIP model or a
 vision-only one), choosing the vision class by ``config.model_type`` (``_FAMILIES``),
-truncating the tower to the blocks that ``feature_layer`` needs, and the normalisation
+truncating the tower to the blocks that ``feature_layer`` needs, and the normalisation and resize mode
 (``preprocessor_config.json`` when the checkpoint has one, else the family's default). Also the
 two helpers both backends share: ``resolve_hidden_index`` and ``reject_toy_path``.
 
@@ -42,14 +42,15 @@ class _Family:
     num_prefix_tokens: int  # CLS tokens before the patches
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str  # the family's image processor: CLIP crops (shortest_edge + center crop), SigLIP squashes
 
 
 _HALF = (0.5, 0.5, 0.5)
 _FAMILIES: dict[str, _Family] = {
-    "clip": _Family(CLIPVisionModel, True, 1, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-    "clip_vision_model": _Family(CLIPVisionModel, False, 1, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-    "siglip": _Family(SiglipVisionModel, True, 0, _HALF, _HALF),
-    "siglip_vision_model": _Family(SiglipVisionModel, False, 0, _HALF, _HALF),
+    "clip": _Family(CLIPVisionModel, True, 1, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "crop"),
+    "clip_vision_model": _Family(CLIPVisionModel, False, 1, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "crop"),
+    "siglip": _Family(SiglipVisionModel, True, 0, _HALF, _HALF, "squash"),
+    "siglip_vision_model": _Family(SiglipVisionModel, False, 0, _HALF, _HALF, "squash"),
 }
 
 
@@ -89,8 +90,8 @@ def _load_config(name_or_path: str) -> PretrainedConfig:
             f"config.json and could not be read from the Hugging Face cache ({e})") from e
 
 
-def _read_mean_std(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """image_mean/image_std from the checkpoint's preprocessor_config.json, if it has one."""
+def _read_preprocessor(name_or_path: str) -> dict:
+    """The checkpoint's preprocessor_config.json ({} when it has none)."""
     local = Path(name_or_path) / "preprocessor_config.json"
     path: str | None = str(local) if local.is_file() else None
     if path is None and not local.parent.is_dir():  # a hub id: look in the cache
@@ -101,12 +102,25 @@ def _read_mean_std(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, .
         except (OSError, ValueError):  # no cache entry, no network: fall back to the family default
             path = None
     if path is None:
-        return None
+        return {}
     with open(path, encoding="utf-8") as f:
-        pp = json.load(f)
+        return json.load(f)
+
+
+def _mean_std(pp: dict) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     if "image_mean" not in pp or "image_std" not in pp:
         return None
     return tuple(float(v) for v in pp["image_mean"]), tuple(float(v) for v in pp["image_std"])
+
+
+def _resize_of(pp: dict) -> str | None:
+    """The processor's way to a square: a centre crop -> crop; a fixed height x width without crop -> squash."""
+    size = pp.get("size")
+    if pp.get("do_center_crop"):
+        return "crop"
+    if isinstance(size, dict) and "height" in size and "width" in size and pp.get("do_resize", True):
+        return "squash"
+    return None
 
 
 class HFVisionEncoder(VisionEncoder):
@@ -118,8 +132,8 @@ class HFVisionEncoder(VisionEncoder):
     """
 
     def __init__(self, name_or_path: str, random_init: bool = False, feature_layer: int = -2,
-                 keep_cls: bool = False, image_size: int | None = None) -> None:
-        super().__init__(feature_layer=feature_layer, keep_cls=keep_cls)
+                 keep_cls: bool = False, image_size: int | None = None, resize: str = "auto") -> None:
+        super().__init__(feature_layer=feature_layer, keep_cls=keep_cls, resize=resize)
         if not name_or_path:
             raise ValueError("name_or_path is empty: give a local checkpoint directory or hub id")
         reject_toy_path(name_or_path, "name_or_path")
@@ -147,7 +161,8 @@ class HFVisionEncoder(VisionEncoder):
                                  f"{missing[:5]} ({len(missing)} missing); pass random_init=True to build "
                                  "it untrained")
         self._native_size = int(vision_config.image_size)
-        mean_std = _read_mean_std(name_or_path)
+        preprocessor = _read_preprocessor(name_or_path)
+        mean_std = _mean_std(preprocessor)
         mean, std = mean_std if mean_std is not None else (family.mean, family.std)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"preprocessor_config.json of {name_or_path!r} has image_mean/image_std of "
@@ -158,7 +173,8 @@ class HFVisionEncoder(VisionEncoder):
         self.set_contract(EncoderContract(
             embed_dim=int(vision_config.hidden_size), image_size=int(image_size or self._native_size),
             patch_size=int(vision_config.patch_size), num_prefix_tokens=family.num_prefix_tokens,
-            mean=tuple(mean), std=tuple(std), layer_cls=type(layers[0]), num_layers=self._hidden_index))
+            mean=tuple(mean), std=tuple(std), layer_cls=type(layers[0]), num_layers=self._hidden_index,
+            resize=_resize_of(preprocessor) or family.resize))
         # Run only the blocks the features need; the post-norm and pooling head are never used.
         core.encoder.layers = layers[: self._hidden_index]
         core.post_layernorm = nn.Identity()
@@ -169,7 +185,7 @@ class HFVisionEncoder(VisionEncoder):
     @classmethod
     def from_config(cls, cfg: HFVisionConfig) -> HFVisionEncoder:
         return cls(cfg.name_or_path, random_init=cfg.random_init, feature_layer=cfg.feature_layer,
-                   keep_cls=cfg.keep_cls, image_size=cfg.image_size)
+                   keep_cls=cfg.keep_cls, image_size=cfg.image_size, resize=cfg.resize)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, S, S]

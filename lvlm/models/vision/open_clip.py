@@ -208,6 +208,18 @@ def _mean_std(arch: _Arch, tag_cfg: dict) -> tuple[tuple[float, ...], tuple[floa
     return agreed.pop() if len(agreed) == 1 else default
 
 
+_RESIZE_MODES = {"shortest": "crop", "squash": "squash", "longest": "pad"}  # open_clip's resize_mode -> ours
+
+
+def _resize(arch: _Arch, tag_cfg: dict) -> str:
+    """resize_mode as _mean_std finds mean/std (open_clip's default: shortest = crop)."""
+    for source in (arch.preprocess, tag_cfg):
+        if "resize_mode" in source:
+            return _RESIZE_MODES.get(source["resize_mode"], "crop")
+    agreed = {c.get("resize_mode", "shortest") for c in _tag_cfgs(arch.name).values()}
+    return _RESIZE_MODES.get(agreed.pop(), "crop") if len(agreed) == 1 else "crop"
+
+
 class OpenCLIPVisionEncoder(VisionEncoder):
     """The visual tower of an open_clip model, pruned after the block ``feature_layer`` names.
 
@@ -216,8 +228,8 @@ class OpenCLIPVisionEncoder(VisionEncoder):
     """
 
     def __init__(self, arch: str, pretrained: str = "", feature_layer: int = -2, keep_cls: bool = False,
-                 image_size: int | None = None) -> None:
-        super().__init__(feature_layer=feature_layer, keep_cls=keep_cls)
+                 image_size: int | None = None, resize: str = "auto") -> None:
+        super().__init__(feature_layer=feature_layer, keep_cls=keep_cls, resize=resize)
         spec = _load_arch(arch)
         weights, tag_cfg = _resolve_pretrained(spec, pretrained)
         if tag_cfg.get("quick_gelu"):  # the tag's weights were trained with QuickGELU
@@ -242,15 +254,16 @@ class OpenCLIPVisionEncoder(VisionEncoder):
             _tower(visual)[0][0] = _Embeddings()  # "block 0 output" is then its input
         mean, std = _mean_std(spec, tag_cfg)
         self.set_contract(EncoderContract(embed_dim, target, patch_size, prefix, tuple(mean), tuple(std), layer_cls,
-                                          self._hidden_index))
+                                          self._hidden_index, resize=_resize(spec, tag_cfg)))
+        theirs = {ours: name for name, ours in _RESIZE_MODES.items()}[self.resize]
         open_clip.set_model_preprocess_cfg(visual, {"size": target, "mode": "RGB", "mean": mean, "std": std,
-                                                    "interpolation": "bicubic", "resize_mode": "shortest"})
+                                                    "interpolation": "bicubic", "resize_mode": theirs})
         self.visual = visual
 
     @classmethod
     def from_config(cls, cfg: OpenCLIPVisionConfig) -> OpenCLIPVisionEncoder:
         return cls(cfg.arch, pretrained=cfg.pretrained, feature_layer=cfg.feature_layer,
-                   keep_cls=cfg.keep_cls, image_size=cfg.image_size)
+                   keep_cls=cfg.keep_cls, image_size=cfg.image_size, resize=cfg.resize)
 
     @classmethod
     def describe(cls, arch: str) -> OpenCLIPArchInfo:
