@@ -83,11 +83,24 @@ def correlations(results: list[dict]) -> dict[str, tuple[float | None, int]]:
     return out
 
 
+def _mir_stage_note(grid: Grid, results: list[dict]) -> str:
+    """For a pipeline grid: which stage the MIR columns come from (as the cells recorded it), and a warning
+    when some cell's MIR is from another stage than the grid's ``mir_stage`` (re-run the grid to fix)."""
+    if not grid.is_pipeline:
+        return ""
+    got = sorted({str(r["mir_stage"]) for r in results if r.get("mir_stage")})
+    text = f" · MIR from stage {', '.join(got) or grid.mir_stage or '-'}"
+    if grid.mir_stage and got and got != [grid.mir_stage]:
+        text += f" (grid asks for {grid.mir_stage}: run the grid without --report to summarise again)"
+    return text
+
+
 def markdown(grid: Grid, results: list[dict]) -> str:
     axes = [a.key for a in grid.axes]
     lines = [f"# Ablation: {grid.paper or grid.path.stem}", "",
              f"grid `{grid.path}` · base `{grid.base_as_written}` · mode {grid.mode} · {len(results)} cells · "
-             f"score {grid.score.type}" + (f" (stage {grid.score.stage})" if grid.score.stage else ""), "",
+             f"score {grid.score.type}" + (f" (stage {grid.score.stage})" if grid.score.stage else "")
+             + _mir_stage_note(grid, results), "",
              "| cell | " + " | ".join(axes) + " | final loss | MIR at start | MIR final | ΔMIR | score | status |",
              "|---" * (len(axes) + 7) + "|"]
     for r in results:

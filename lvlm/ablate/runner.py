@@ -6,7 +6,10 @@ stderr, appended per attempt), then ``result.json`` (losses, MIR, score, seconds
 whose ``result.json`` has status ``ok`` and the same config hash (``Grid.digest``: the cell's config as
 loaded, so editing the base counts) is skipped; any other cell is run again: under the same settings its
 training resumes from its last complete checkpoint (``resume: auto``); under changed settings the earlier
-attempt is moved to ``RUN_DIR/<cell>/superseded/<time>/`` and the cell starts over. Training
+attempt is moved to ``RUN_DIR/<cell>/superseded/<time>/`` and the cell starts over. A finished cell whose
+recorded ``score_spec`` differs from the grid's ``score`` is scored again, and one whose recorded
+``mir_stage_spec`` differs from the grid's ``mir_stage`` (or lacks it) is summarised again from its
+metrics.jsonl; neither trains (neither setting is in the hash). Training
 runs as a subprocess (``python -m lvlm train`` or the grid's launcher prefix, which must block
 until training ends); scoring runs in this process.
 """
@@ -161,7 +164,8 @@ def run_cell(grid: Grid, cell: Cell, scorer: Scorer | None, out=print, train: bo
         "base": str(grid.base), "command": cmd}, indent=2, default=str))
     t0 = time.perf_counter()
     result = {"cell": cell.name, "values": cell.values, "overrides": cell.settings, "hash": digest,
-              "score_spec": dataclasses.asdict(grid.score), "status": "ok", "returncode": 0}
+              "score_spec": dataclasses.asdict(grid.score), "mir_stage_spec": grid.mir_stage,
+              "status": "ok", "returncode": 0}
     if train:
         log = cell_dir / "train.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -188,6 +192,15 @@ def run_cell(grid: Grid, cell: Cell, scorer: Scorer | None, out=print, train: bo
             result.update(status="failed", log_tail=f"scoring failed: {type(e).__name__}: {e}")
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    (cell_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def resummarize(grid: Grid, cell: Cell, prev: dict) -> dict:
+    """A finished cell's result with losses and MIR taken again from its metrics.jsonl under the grid's
+    ``mir_stage`` (score, seconds and status kept; nothing trains or scores); writes ``result.json``."""
+    cell_dir = grid.cell_dir(cell)
+    result = {**prev, **summarize(grid, cell_dir), "mir_stage_spec": grid.mir_stage}
     (cell_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -223,7 +236,13 @@ def run_grid(grid: Grid, only: str | None = None, dry_run: bool = False, scorer:
         same = prev_hash == digest
         if same and prev is not None and prev.get("status") == "ok":
             if prev.get("score_spec") == dataclasses.asdict(grid.score):
-                out(f"{head} skip (done)")
+                if "mir_stage_spec" in prev and prev["mir_stage_spec"] == grid.mir_stage:
+                    out(f"{head} skip (done)")
+                    continue
+                result = resummarize(grid, cell, prev)  # mir_stage changed (or not recorded yet): no retraining
+                where = f" from stage {result['mir_stage']}" if result.get("mir_stage") else ""
+                out(f"{head} trained; MIR summarised again{where}: "
+                    f"MIR {_fmt(result['mir_first'])} -> {_fmt(result['mir_final'])}")
                 continue
             out(f"{head} trained; scoring again ({grid.score.type})")
             result = run_cell(grid, cell, scorer, out, train=False, digest=digest)

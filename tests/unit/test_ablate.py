@@ -322,3 +322,51 @@ def test_every_shipped_grid_loads_and_validates(path):
         pytest.skip("no grid shipped under configs/ yet")
     grid = load_grid(path)
     validate(grid, grid.cells())
+
+
+def test_changed_mir_stage_resummarises_finished_cells(tmp_path):
+    """mir_stage is not in the config hash (it does not change training), so a finished cell is not retrained
+    when it changes, but its MIR is taken again from the new stage's metrics.jsonl (before: the old stage's
+    MIR stayed in result.json and the report, 'skip (done)')."""
+    from lvlm.ablate.runner import run_cell
+
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(f"base: {BASE}\nstages:\n  align: {{}}\n  sft: {{}}\n")
+
+    def grid_for(stage):
+        return load_grid(write_grid(tmp_path, f"axes: {{optim.lr: [0.1]}}\nmir_stage: {stage}\n", base=pipe))
+
+    grid = grid_for("align")
+    (cell,) = grid.cells()
+    cell_dir, digest = grid.cell_dir(cell), grid.digest(cell)
+    for name, mir in (("align", [(0, 1.0), (3, 0.5)]), ("sft", [(0, 9.0), (3, 8.0)])):
+        (cell_dir / name).mkdir(parents=True)
+        lines = [{"kind": "mir", "step": s, "mir": m} for s, m in mir] + [{"step": 3, "loss": 1.0}]
+        (cell_dir / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    stages = [{"name": n, "run_dir": str(cell_dir / n), "done": True} for n in ("align", "sft")]
+    (cell_dir / "pipeline.json").write_text(json.dumps({"stages": stages}))
+    assert run_cell(grid, cell, None, train=False, digest=digest)["mir_final"] == 0.5  # finished, no training
+
+    def result():
+        return json.loads((cell_dir / "result.json").read_text())
+
+    out: list[str] = []
+    assert run_grid(grid, out=out.append) == 0 and "skip (done)" in out[0]
+    sft = grid_for("sft")
+    assert sft.digest(cell) == digest
+    out.clear()
+    assert run_grid(sft, out=out.append) == 0
+    assert "skip" not in out[0] and "MIR summarised again from stage sft" in out[0]
+    r = result()
+    assert (r["mir_stage"], r["mir_stage_spec"], r["mir_first"], r["mir_final"]) == ("sft", "sft", 9.0, 8.0)
+    md = (tmp_path / "runs" / "results.md").read_text()
+    assert "| lr=0.1 | 0.1 | 1.0000 | 9.0000 | 8.0000 | -1.0000 | - | ok |" in md and "MIR from stage sft" in md
+    out.clear()
+    assert run_grid(sft, out=out.append) == 0 and "skip (done)" in out[0]
+    # a result.json from before mir_stage was recorded: summarised again once, then skipped
+    (cell_dir / "result.json").write_text(json.dumps({k: v for k, v in r.items() if k != "mir_stage_spec"}
+                                                     | {"mir_stage": "align", "mir_final": 0.5}))
+    out.clear()
+    assert run_grid(sft, out=out.append) == 0 and "summarised again" in out[0] and result()["mir_final"] == 8.0
+    out.clear()
+    assert run_grid(sft, out=out.append) == 0 and "skip (done)" in out[0]
