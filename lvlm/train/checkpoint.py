@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int,
-         carried: frozenset[str] = frozenset(), config_yaml: str | None = None) -> Path:
+         carried: frozenset[str] = frozenset(), config_yaml: str | None = None,
+         started_from: dict | None = None) -> Path:
     """Write a checkpoint collectively; mark it complete and prune old ones (rank 0). ``config_yaml``: the
-    run's resolved config, kept as ``config.yaml`` in the checkpoint (what a resume is checked against)."""
+    run's resolved config, kept as ``config.yaml`` in the checkpoint (what a resume is checked against).
+    The ``COMPLETE`` marker holds the step, the world size, a fresh ``id`` (this checkpoint, not its
+    path: a retrained stage writes the same tag again) and ``started_from``: ``identity()`` of the
+    checkpoint the run's stage started from (``stage.init_from``), so a later stage can tell it is stale."""
     ckpt_dir = run_dir / "checkpoints"
     tag = tag_for(step)
     path = ckpt_dir / tag
@@ -83,7 +88,10 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int,
     if engine.rank == 0:
         if config_yaml is not None:
             (path / "config.yaml").write_text(config_yaml)
-        (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": engine.world_size}))
+        done = {"step": step, "world_size": engine.world_size, "id": uuid.uuid4().hex}
+        if started_from is not None:
+            done["started_from"] = started_from
+        (path / COMPLETE).write_text(json.dumps(done))
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
@@ -107,11 +115,20 @@ def load(engine, run_dir: Path) -> dict | None:
     return client_state
 
 
+def marker(ckpt_dir: Path) -> dict:
+    """The ``COMPLETE`` marker of a complete checkpoint ({} for an older, empty one)."""
+    return json.loads((Path(ckpt_dir) / COMPLETE).read_text() or "{}")
+
+
+def identity(ckpt_dir: Path) -> dict:
+    """Which checkpoint this is: its path and its marker's ``id`` (None for checkpoints older than ids)."""
+    return {"checkpoint": str(Path(ckpt_dir).resolve()), "id": marker(ckpt_dir).get("id")}
+
+
 def saved_world_size(ckpt_dir: Path) -> int:
     """How many processes wrote a complete checkpoint: its ``COMPLETE`` marker says (older checkpoints: one
     ``rng_rank{r}.json`` per rank)."""
-    marker = json.loads((Path(ckpt_dir) / COMPLETE).read_text() or "{}")
-    return int(marker.get("world_size") or len(list(Path(ckpt_dir).glob("rng_rank*.json"))))
+    return int(marker(ckpt_dir).get("world_size") or len(list(Path(ckpt_dir).glob("rng_rank*.json"))))
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:

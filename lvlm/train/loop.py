@@ -84,6 +84,8 @@ def train(cfg: Config) -> Summary:
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
     model, image_transform, tokenizer = build_lvlm(cfg.model)
     carried = frozenset(_init_from(model, cfg.stage.init_from))
+    started_from = checkpoint.identity(checkpoint.find_checkpoint(cfg.stage.init_from)[1]) \
+        if cfg.stage.init_from else None  # recorded in every checkpoint: a pipeline tells a stale stage by it
     try:
         lora.add_lora(model, cfg.stage)
         plan = stages.apply_stage(model, cfg.stage)
@@ -219,7 +221,7 @@ def train(cfg: Config) -> Summary:
             if done or stop > 0 or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
                 client_state = {"step": step + 1, "batches_consumed": (step + 1) * accum, "seed": cfg.seed}
                 path = checkpoint.save(engine, run_dir, step + 1, client_state, cfg.train.keep_last, carried,
-                                       config_yaml=config_yaml)
+                                       config_yaml=config_yaml, started_from=started_from)
                 log.info("checkpoint %s", path)
             if stop > 0 and not done:
                 summary.preempted = True

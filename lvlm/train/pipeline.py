@@ -1,6 +1,8 @@
 """Running a multi-stage pipeline (``lvlm.config.pipeline``): the stages in order, each from the previous one's
 weights; a stage whose final checkpoint exists is not run again, so relaunching a pipeline continues it (refused
-when a stage's config changed since its checkpoints were written; ``resume: false`` runs every stage again).
+when a stage's config changed since its checkpoints were written, or when they were trained from another
+checkpoint than its ``stage.init_from`` holds now or from a stage this launch trains again: their weights would
+be stale; ``resume: false`` runs every stage again).
 
 Writes ``RUN_DIR/pipeline.json``: ``{"stages": [{"name", "run_dir", "done", "steps"}, ...]}`` (rank 0), before
 the first stage and after each.
@@ -36,16 +38,47 @@ def _write_status(pipeline: Pipeline) -> None:
 
 def check_stages(pipeline: Pipeline) -> None:
     """Before any stage runs: a stage with checkpoints (finished or not) whose config changed since is refused
-    (``rundir.check_resume``; ConfigError naming the stage), unless it starts over (``resume: false``)."""
+    (``rundir.check_resume``; ConfigError naming the stage), unless it starts over (``resume: false``); so is
+    one whose checkpoints started from another checkpoint than its ``stage.init_from`` holds now, or from a
+    stage that this launch trains (again) before it."""
     from lvlm.config import ConfigError
 
+    trains: dict[Path, str] = {}  # run dirs of the stages this launch trains -> their names
     for name, cfg in pipeline.stages:
-        if str(cfg.resume).lower() == "false":
-            continue
-        try:
-            check_resume(Path(cfg.run_dir), cfg)
-        except ConfigError as e:
-            raise ConfigError(f"pipeline stage '{name}': {e}") from None
+        run = Path(cfg.run_dir)
+        fresh = str(cfg.resume).lower() == "false"
+        if not fresh:
+            try:
+                check_resume(run, cfg)
+                _check_start(name, cfg, trains)
+            except ConfigError as e:
+                raise ConfigError(f"pipeline stage '{name}': {e}") from None
+        if fresh or not stage_done(run, cfg.train.max_steps):
+            trains[run.resolve()] = name
+
+
+def _check_start(name: str, cfg, trains: dict[Path, str]) -> None:
+    """Refuse reusing a stage's checkpoints that started from something else than its start point is now."""
+    from lvlm.config import ConfigError
+
+    tag = checkpoint.latest_tag(Path(cfg.run_dir) / "checkpoints") if cfg.stage.init_from else None
+    recorded = checkpoint.marker(Path(cfg.run_dir) / "checkpoints" / tag).get("started_from") if tag else None
+    if recorded is None:  # nothing trained yet, no start point, or checkpoints older than the record
+        return
+    again = f"retrain it too (--stages.{name}.resume false, or resume: false for every stage)"
+    start = Path(cfg.stage.init_from).resolve()
+    for run, upstream in trains.items():
+        if start == run or run in start.parents:
+            raise ConfigError(f"its checkpoints were trained from stage '{upstream}' ({recorded['checkpoint']}), "
+                              f"which this launch trains again: they would be stale; {again}")
+    try:
+        now = checkpoint.identity(checkpoint.find_checkpoint(cfg.stage.init_from)[1])
+    except FileNotFoundError:
+        now = {"checkpoint": str(start), "id": None}
+    if now["id"] != recorded.get("id"):
+        raise ConfigError(f"its checkpoints were trained from {recorded['checkpoint']} (id {recorded.get('id')}), "
+                          f"but stage.init_from {cfg.stage.init_from} now holds {now['checkpoint']} (id "
+                          f"{now['id']}): they would be stale; {again}")
 
 
 def run_pipeline(pipeline: Pipeline, train_fn) -> list:

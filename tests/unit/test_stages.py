@@ -250,6 +250,53 @@ def test_pipeline_errors_name_the_stage(tmp_path):
         load_pipeline(write(tmp_path / "empty.yaml", "stages: {}\n"))
 
 
+def test_pipeline_refuses_a_stage_trained_from_another_start_than_it_has_now(tmp_path):
+    """sft starts from align's weights: relaunching with align trained again (stage resume false now, or in an
+    earlier launch that stopped before sft) must not skip sft as done, since its weights came from the
+    superseded align; refused before any stage runs, naming the way out."""
+    import json
+    import uuid
+
+    from lvlm.config import ConfigError, dump_config
+    from lvlm.config.pipeline import load_pipeline
+    from lvlm.train.checkpoint import COMPLETE, find_checkpoint, identity, tag_for
+    from lvlm.train.pipeline import run_pipeline
+
+    pipe = write(tmp_path / "pipe.yaml", f"""
+        run_dir: {tmp_path / 'runs'}
+        train: {{max_steps: 2}}
+        stages:
+          align: {{}}
+          sft:
+            stage: {{train_llm: true}}
+        """)
+    ran = []
+
+    def fake_train(cfg):  # leaves the final checkpoint and marker the loop would
+        ckpt = Path(cfg.run_dir) / "checkpoints" / tag_for(cfg.train.max_steps)
+        start = identity(find_checkpoint(cfg.stage.init_from)[1]) if cfg.stage.init_from else None
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "config.yaml").write_text(dump_config(cfg))
+        (ckpt / COMPLETE).write_text(json.dumps({"step": 2, "world_size": 1, "id": uuid.uuid4().hex,
+                                                 **({"started_from": start} if start else {})}))
+        ran.append(cfg.stage.name)
+        return cfg.stage.name
+
+    assert run_pipeline(load_pipeline(pipe, []), fake_train) == ["align", "sft"]
+    assert run_pipeline(load_pipeline(pipe, []), fake_train) == []              # both done, nothing stale
+    with pytest.raises(ConfigError, match=r"stage 'sft': .*trained from stage 'align' .*which this launch trains "
+                                          r"again.*--stages\.sft\.resume false"):
+        run_pipeline(load_pipeline(pipe, ["--stages.align.resume", "false"]), fake_train)
+    assert ran == ["align", "sft"]                                              # refused before any stage ran
+    both = ["--stages.align.resume", "false", "--stages.sft.resume", "false"]
+    assert run_pipeline(load_pipeline(pipe, both), fake_train) == ["align", "sft"]
+    # align trained again by an earlier launch that stopped before sft: its marker's id no longer matches
+    marker = tmp_path / "runs" / "align" / "checkpoints" / tag_for(2) / COMPLETE
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "id": uuid.uuid4().hex}))
+    with pytest.raises(ConfigError, match=r"stage 'sft': .*now holds .*would be stale"):
+        run_pipeline(load_pipeline(pipe, []), fake_train)
+
+
 def test_pipeline_refuses_a_finished_stage_whose_config_changed(tmp_path):
     """A relaunched pipeline skips finished stages; if a stage's config changed since, skipping would keep
     (and feed to the next stage) what another config trained, so it is refused before any stage runs."""
