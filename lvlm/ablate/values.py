@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from lvlm.config.dotted import flatten as dotted
+
 
 def format_value(v: Any) -> str:
     """A value as a command-line string (`true`, `0.001`, `[1, 2]`)."""
@@ -61,15 +63,9 @@ def number(v: Any) -> Any:
     return float(v) if isinstance(v, str) and _SCI.match(v) else v
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = number(v)
-    return out
+def flatten(d: dict) -> dict[str, Any]:
+    """Dotted keys (``lvlm.config.dotted.flatten``) with YAML-1.2 numbers."""
+    return {key: number(value) for key, value in dotted(d).items()}
 
 
 def short_names(keys: list[str]) -> list[str]:

@@ -83,9 +83,8 @@ def train(cfg: Config) -> Summary:
     log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
     model, image_transform, tokenizer = build_lvlm(cfg.model)
-    carried = frozenset(_init_from(model, cfg.stage.init_from))
-    started_from = checkpoint.identity(checkpoint.find_checkpoint(cfg.stage.init_from)[1]) \
-        if cfg.stage.init_from else None  # recorded in every checkpoint: a pipeline tells a stale stage by it
+    loaded, started_from = _init_from(model, cfg.stage.init_from)  # started_from: recorded in every checkpoint
+    carried = frozenset(loaded)
     try:
         lora.add_lora(model, cfg.stage)
         plan = stages.apply_stage(model, cfg.stage)
@@ -270,14 +269,15 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, rank: int, world: int) -> list[
     return changes
 
 
-def _init_from(model, init_from: str) -> list[str]:
-    """Load a previous stage's weights (and fold in its LoRA adapters); returns the names loaded."""
+def _init_from(model, init_from: str) -> tuple[list[str], dict | None]:
+    """Load a previous stage's weights (and fold in its LoRA adapters); returns the names loaded and the
+    checkpoint's ``identity`` (a pipeline tells a stale stage by it), or ([], None) without ``init_from``."""
     if not init_from:
-        return []
+        return [], None
     _, ckpt = checkpoint.find_checkpoint(init_from)
     names = checkpoint.load_stage_weights(model, ckpt)
     log.info("stage starts from %s: %d weight tensors loaded", ckpt, len(names))
-    return names
+    return names, checkpoint.identity(ckpt)
 
 
 def _progress(cfg: Config, start_step: int):

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from lvlm.config import dump_config
+from lvlm.config.dotted import flatten
 from lvlm.config.schema import Config
 
 PACKAGES = ("lvlm", "torch", "torchvision", "deepspeed", "transformers", "peft", "accelerate",
@@ -85,20 +86,11 @@ measurement). Any other difference would make the resumed run something no singl
 SUPERSEDED = "superseded"
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def config_view(config: Config | dict, free: tuple[str, ...] = RESUME_FREE) -> dict[str, Any]:
     """{dotted key: value} of ``config`` (a Config, or its YAML as a dict) without the keys / sections in
     ``free``; by default what decides what is trained (all but RESUME_FREE)."""
     tree = yaml.safe_load(dump_config(config)) if isinstance(config, Config) else config
-    return {k: v for k, v in _flat(tree).items() if not any(k == f or k.startswith(f + ".") for f in free)}
+    return {k: v for k, v in flatten(tree).items() if not any(k == f or k.startswith(f + ".") for f in free)}
 
 
 def config_changes(recorded: Config | dict, current: Config | dict) -> list[str]:

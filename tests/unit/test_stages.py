@@ -3,6 +3,7 @@ the per-layer gradient check, stage-key validation, and pipeline files (merge ru
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -250,17 +251,14 @@ def test_pipeline_errors_name_the_stage(tmp_path):
         load_pipeline(write(tmp_path / "empty.yaml", "stages: {}\n"))
 
 
-def test_pipeline_refuses_a_stage_trained_from_another_start_than_it_has_now(tmp_path):
-    """sft starts from align's weights: relaunching with align trained again (stage resume false now, or in an
-    earlier launch that stopped before sft) must not skip sft as done, since its weights came from the
-    superseded align; refused before any stage runs, naming the way out."""
+def two_stage_pipeline(tmp_path: Path) -> tuple[Path, list[str], Callable]:
+    """(pipe.yaml of stages align -> sft, the names of the stages run, a fake train that leaves the final
+    checkpoint, its config and its COMPLETE marker as the loop does)."""
     import json
     import uuid
 
-    from lvlm.config import ConfigError, dump_config
-    from lvlm.config.pipeline import load_pipeline
+    from lvlm.config import dump_config
     from lvlm.train.checkpoint import COMPLETE, find_checkpoint, identity, tag_for
-    from lvlm.train.pipeline import run_pipeline
 
     pipe = write(tmp_path / "pipe.yaml", f"""
         run_dir: {tmp_path / 'runs'}
@@ -270,18 +268,33 @@ def test_pipeline_refuses_a_stage_trained_from_another_start_than_it_has_now(tmp
           sft:
             stage: {{train_llm: true}}
         """)
-    ran = []
+    ran: list[str] = []
 
-    def fake_train(cfg):  # leaves the final checkpoint and marker the loop would
+    def fake_train(cfg):
         ckpt = Path(cfg.run_dir) / "checkpoints" / tag_for(cfg.train.max_steps)
         start = identity(find_checkpoint(cfg.stage.init_from)[1]) if cfg.stage.init_from else None
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / "config.yaml").write_text(dump_config(cfg))
-        (ckpt / COMPLETE).write_text(json.dumps({"step": 2, "world_size": 1, "id": uuid.uuid4().hex,
-                                                 **({"started_from": start} if start else {})}))
+        marker = {"step": cfg.train.max_steps, "world_size": 1, "id": uuid.uuid4().hex}
+        (ckpt / COMPLETE).write_text(json.dumps({**marker, **({"started_from": start} if start else {})}))
         ran.append(cfg.stage.name)
         return cfg.stage.name
 
+    return pipe, ran, fake_train
+
+
+def test_pipeline_refuses_a_stage_trained_from_another_start_than_it_has_now(tmp_path):
+    """sft starts from align's weights: relaunching with align trained again (stage resume false now, or in an
+    earlier launch that stopped before sft) must not skip sft as done, since its weights came from the
+    superseded align; refused before any stage runs, naming the way out."""
+    import json
+    import uuid
+
+    from lvlm.config.pipeline import load_pipeline
+    from lvlm.train.checkpoint import COMPLETE, tag_for
+    from lvlm.train.pipeline import run_pipeline
+
+    pipe, ran, fake_train = two_stage_pipeline(tmp_path)
     assert run_pipeline(load_pipeline(pipe, []), fake_train) == ["align", "sft"]
     assert run_pipeline(load_pipeline(pipe, []), fake_train) == []              # both done, nothing stale
     with pytest.raises(ConfigError, match=r"stage 'sft': .*trained from stage 'align' .*which this launch trains "
@@ -300,29 +313,10 @@ def test_pipeline_refuses_a_stage_trained_from_another_start_than_it_has_now(tmp
 def test_pipeline_refuses_a_finished_stage_whose_config_changed(tmp_path):
     """A relaunched pipeline skips finished stages; if a stage's config changed since, skipping would keep
     (and feed to the next stage) what another config trained, so it is refused before any stage runs."""
-    from lvlm.config import ConfigError, dump_config
     from lvlm.config.pipeline import load_pipeline
-    from lvlm.train.checkpoint import COMPLETE, tag_for
     from lvlm.train.pipeline import run_pipeline
 
-    pipe = write(tmp_path / "pipe.yaml", f"""
-        run_dir: {tmp_path / 'runs'}
-        train: {{max_steps: 2}}
-        stages:
-          align: {{}}
-          sft:
-            stage: {{train_llm: true}}
-        """)
-    ran = []
-
-    def fake_train(cfg):  # leaves the final checkpoint the loop would
-        ckpt = Path(cfg.run_dir) / "checkpoints" / tag_for(cfg.train.max_steps)
-        ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / "config.yaml").write_text(dump_config(cfg))
-        (ckpt / COMPLETE).write_text("{}")
-        ran.append(cfg.stage.name)
-        return cfg.stage.name
-
+    pipe, ran, fake_train = two_stage_pipeline(tmp_path)
     assert run_pipeline(load_pipeline(pipe, []), fake_train) == ["align", "sft"]
     assert run_pipeline(load_pipeline(pipe, ["--mir.every", "0", "--train.log_every", "1"]), fake_train) == []
     with pytest.raises(ConfigError, match=r"stage 'sft'.*\n  optim.lr: 0.001 -> 1e-05"):
