@@ -78,7 +78,7 @@ def train(cfg: Config) -> Summary:
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     seed_everything(cfg.seed)
-    changes = _prepare_run_dir(cfg, run_dir, rank, world)
+    changes = _check_run_dir(cfg, run_dir, world)
 
     log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
@@ -91,6 +91,7 @@ def train(cfg: Config) -> Summary:
     except ValueError as e:  # a stage this model cannot have (e.g. stage.vision_from_layer past its blocks)
         raise ConfigError(str(e)) from e
     log.info("stage '%s': trainable parameters\n%s", cfg.stage.name, stages.parameter_table(model))
+    _supersede_if_fresh(cfg, run_dir, rank, world)  # only now: a refused stage plan moves nothing
     if cfg.train.activation_checkpointing:
         model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -250,23 +251,29 @@ def train(cfg: Config) -> Summary:
     return summary
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, rank: int, world: int) -> list[str]:
-    """Before any work: refuse to resume under a changed config or process count (``rundir.check_resume``), or
-    for a fresh start (``resume: false``) move an earlier run out of the way. Returns the changes a
-    ``resume: force`` continues under ([] otherwise)."""
+def _check_run_dir(cfg: Config, run_dir: Path, world: int) -> list[str]:
+    """Before any work: refuse to resume under a changed config, start point or process count
+    (``rundir.check_resume``). Returns the changes a ``resume: force`` continues under ([] otherwise)."""
     if str(cfg.resume).lower() == "false":
-        if rank == 0:
-            moved = supersede(run_dir)
-            if moved is not None:
-                log.info("resume false: the earlier run in %s moved to %s", run_dir, moved)
-        if world > 1:
-            torch.distributed.barrier()  # no rank writes into run_dir before the move
         return []
     _, changes = check_resume(run_dir, cfg, world)
     if changes:
         log.warning("resume force: continuing %s under a changed config (checkpoint -> now):\n  %s", run_dir,
                     "\n  ".join(changes))
     return changes
+
+
+def _supersede_if_fresh(cfg: Config, run_dir: Path, rank: int, world: int) -> None:
+    """A fresh start (``resume: false``) moves an earlier run in ``run_dir`` out of the way; called once the
+    model and its stage plan are built, so a run refused there leaves the earlier one where it was."""
+    if str(cfg.resume).lower() != "false":
+        return
+    if rank == 0:
+        moved = supersede(run_dir)
+        if moved is not None:
+            log.info("resume false: the earlier run in %s moved to %s", run_dir, moved)
+    if world > 1:
+        torch.distributed.barrier()  # no rank writes into run_dir before the move
 
 
 def _init_from(model, init_from: str) -> tuple[list[str], dict | None]:

@@ -52,33 +52,28 @@ def check_stages(pipeline: Pipeline) -> None:
                 check_resume(run, cfg)
                 _check_start(name, cfg, trains)
             except ConfigError as e:
-                raise ConfigError(f"pipeline stage '{name}': {e}") from None
+                raise ConfigError(f"pipeline stage '{name}': {e}\nIn this pipeline, for this stage only: "
+                                  f"--stages.{name}.resume false (train it again) or --stages.{name}.resume force "
+                                  f"(continue it anyway)") from None
         if fresh or not stage_done(run, cfg.train.max_steps):
             trains[run.resolve()] = name
 
 
 def _check_start(name: str, cfg, trains: dict[Path, str]) -> None:
-    """Refuse reusing a stage's checkpoints that started from something else than its start point is now."""
+    """Refuse reusing a stage's checkpoints that started from a stage this launch trains (again) before it
+    (``check_resume`` refuses those whose start point was already retrained: ``rundir.start_change``)."""
     from lvlm.config import ConfigError
 
     tag = checkpoint.latest_tag(Path(cfg.run_dir) / "checkpoints") if cfg.stage.init_from else None
     recorded = checkpoint.marker(Path(cfg.run_dir) / "checkpoints" / tag).get("started_from") if tag else None
     if recorded is None:  # nothing trained yet, no start point, or checkpoints older than the record
         return
-    again = f"retrain it too (--stages.{name}.resume false, or resume: false for every stage)"
     start = Path(cfg.stage.init_from).resolve()
     for run, upstream in trains.items():
         if start == run or run in start.parents:
             raise ConfigError(f"its checkpoints were trained from stage '{upstream}' ({recorded['checkpoint']}), "
-                              f"which this launch trains again: they would be stale; {again}")
-    try:
-        now = checkpoint.identity(checkpoint.find_checkpoint(cfg.stage.init_from)[1])
-    except FileNotFoundError:
-        now = {"checkpoint": str(start), "id": None}
-    if now["id"] != recorded.get("id"):
-        raise ConfigError(f"its checkpoints were trained from {recorded['checkpoint']} (id {recorded.get('id')}), "
-                          f"but stage.init_from {cfg.stage.init_from} now holds {now['checkpoint']} (id "
-                          f"{now['id']}): they would be stale; {again}")
+                              f"which this launch trains again: they would be stale; retrain it too "
+                              f"(--stages.{name}.resume false, or resume: false for every stage)")
 
 
 def run_pipeline(pipeline: Pipeline, train_fn) -> list:

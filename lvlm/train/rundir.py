@@ -132,13 +132,35 @@ def supersede(run_dir: Path) -> Path | None:
     return dest
 
 
+def start_change(ckpt_dir: Path, init_from: str) -> str | None:
+    """A line for ``check_resume`` when checkpoint ``ckpt_dir`` was trained from another checkpoint than
+    ``init_from`` holds now (it was retrained since: its marker's ``id`` differs); None when it is the same one,
+    nothing is recorded (no start point, or a checkpoint older than the record), or ``init_from`` holds no
+    checkpoint (loading it reports that)."""
+    from lvlm.train.checkpoint import find_checkpoint, identity, marker
+
+    recorded = marker(ckpt_dir).get("started_from") if init_from else None
+    if recorded is None:
+        return None
+    try:
+        now = identity(find_checkpoint(init_from)[1])
+    except FileNotFoundError:
+        return None
+    if now["id"] == recorded.get("id"):
+        return None
+    return (f"start point (stage.init_from): trained from {recorded['checkpoint']} (id {recorded.get('id')}), "
+            f"but {init_from} now holds {now['checkpoint']} (id {now['id']}), trained since")
+
+
 def check_resume(run_dir: Path, cfg: Config, world_size: int | None = None) -> tuple[str | None, list[str]]:
     """(newest complete checkpoint tag or None, config changes against it) before a run resumes in
     ``run_dir``; ``world_size`` (when given) must also be the one the checkpoint was written with. Raises
     ConfigError when anything differs and ``resume`` is not ``force``: resuming continues the same run, so a
     changed config would silently train under a mix of two configs (or, if the old run had finished, train
     nothing and report the old result), and another process count changes the global batch and where each
-    rank's data continues (raw sample i belongs to rank i % world size), repeating or skipping samples."""
+    rank's data continues (raw sample i belongs to rank i % world size), repeating or skipping samples. So is
+    a run whose ``stage.init_from`` now holds another checkpoint than the one it started from (``start_change``):
+    the resumed run would mix weights trained from two starts."""
     from lvlm.config import ConfigError
     from lvlm.train.checkpoint import latest_tag, saved_world_size
 
@@ -147,6 +169,9 @@ def check_resume(run_dir: Path, cfg: Config, world_size: int | None = None) -> t
         return None, []
     recorded = recorded_config(Path(run_dir) / "checkpoints" / tag)
     changes = config_changes(recorded[1], cfg) if recorded is not None else []
+    start = start_change(Path(run_dir) / "checkpoints" / tag, cfg.stage.init_from)
+    if start is not None:
+        changes.append(start)
     saved = saved_world_size(Path(run_dir) / "checkpoints" / tag)
     if world_size is not None and saved and saved != world_size:
         changes.append(f"world size (processes): {saved} -> {world_size} (global batch and data position per rank)")
@@ -154,7 +179,7 @@ def check_resume(run_dir: Path, cfg: Config, world_size: int | None = None) -> t
         listed = "\n  ".join(changes)
         raise ConfigError(
             f"run_dir {run_dir} holds a run whose newest checkpoint ({tag}) was trained with a different "
-            f"config or process count; resuming would continue that run under another one. Differences "
+            f"config, start point or process count; resuming would continue that run under another one. Differences "
             f"(checkpoint -> now):\n"
             f"  {listed}\nChoose one: relaunch with the checkpoint's config ({recorded[0]}); a new --run_dir; "
             f"--resume false (start over here: the earlier run moves to {Path(run_dir) / SUPERSEDED}/); "

@@ -223,7 +223,8 @@ def test_stage_lr_for_trained_parts_loads():
 
 def test_stage_the_built_model_cannot_have_is_a_clean_config_error(tmp_path):
     """stage.vision_from_layer past the encoder's blocks is known only once the model is built: `lvlm train`
-    still exits 2 with a config error (no traceback) and writes no run directory."""
+    still exits 2 with a config error (no traceback) and writes nothing; with `resume false` the earlier run
+    in run_dir stays where it was (it was moved to superseded/ before the model was built)."""
     import subprocess
     import sys
 
@@ -233,8 +234,10 @@ def test_stage_the_built_model_cannot_have_is_a_clean_config_error(tmp_path):
     save_hf("clip", tmp_path / "clip")
     save_llm("llama", tmp_path / "llama")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lvlm", "train", "--model.vision.type", "hf", "--model.vision.name_or_path",
-           str(tmp_path / "clip"), "--model.llm.name_or_path", str(tmp_path / "llama"),
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')                 # an earlier run's files
+    cmd = [sys.executable, "-m", "lvlm", "train", "--resume", "false", "--model.vision.type", "hf",
+           "--model.vision.name_or_path", str(tmp_path / "clip"), "--model.llm.name_or_path", str(tmp_path / "llama"),
            "--data.source.shards", str(tmp_path / "none-{000000..000001}.tar"), "--mir.every", "0",
            "--mir.images", str(tmp_path / "none.tar"), "--mir.texts", str(tmp_path / "none.jsonl"),
            "--stage.train_vision", "true", "--stage.vision_from_layer", "99", "--run_dir", str(run)]
@@ -243,7 +246,10 @@ def test_stage_the_built_model_cannot_have_is_a_clean_config_error(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "lvlm train: config error: stage.vision_from_layer 99 leaves nothing to train" in proc.stderr
-    assert "Traceback" not in proc.stderr and not run.exists()
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]   # nothing moved or written
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
 
 
 def test_unknown_cli_key_gets_the_yaml_message_not_a_usage_dump(tmp_path, capsys):

@@ -306,8 +306,35 @@ def test_pipeline_refuses_a_stage_trained_from_another_start_than_it_has_now(tmp
     # align trained again by an earlier launch that stopped before sft: its marker's id no longer matches
     marker = tmp_path / "runs" / "align" / "checkpoints" / tag_for(2) / COMPLETE
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "id": uuid.uuid4().hex}))
-    with pytest.raises(ConfigError, match=r"stage 'sft': .*now holds .*would be stale"):
+    with pytest.raises(ConfigError, match=r"(?s)stage 'sft': .*start point \(stage\.init_from\): trained from .*"
+                                          r"now holds .*--stages\.sft\.resume false"):
         run_pipeline(load_pipeline(pipe, []), fake_train)
+
+
+def test_resuming_a_single_stage_whose_start_was_retrained_is_refused(tmp_path):
+    """`lvlm train --stage.init_from X` resumed after X was trained again would continue weights trained from
+    the old X: refused like a config change (rundir.check_resume), `resume: force` continues and records it."""
+    import json
+    import uuid
+
+    from lvlm.config.pipeline import load_pipeline
+    from lvlm.train.checkpoint import COMPLETE, tag_for
+    from lvlm.train.pipeline import run_pipeline
+    from lvlm.train.rundir import check_resume
+
+    pipe, _, fake_train = two_stage_pipeline(tmp_path)
+    run_pipeline(load_pipeline(pipe, []), fake_train)
+    sft = dict(load_pipeline(pipe, []).stages)["sft"]
+    assert sft.stage.init_from and check_resume(Path(sft.run_dir), sft)[1] == []      # same start: resumable
+    marker = tmp_path / "runs" / "align" / "checkpoints" / tag_for(2) / COMPLETE
+    old_id = json.loads(marker.read_text())["id"]
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "id": uuid.uuid4().hex}))  # align retrained
+    with pytest.raises(ConfigError, match=rf"(?s)start point \(stage\.init_from\): trained from .*id {old_id}.*"
+                                          r"--resume force"):
+        check_resume(Path(sft.run_dir), sft)
+    sft.resume = "force"
+    (change,) = check_resume(Path(sft.run_dir), sft)[1]
+    assert change.startswith("start point (stage.init_from)")
 
 
 def test_pipeline_refuses_a_finished_stage_whose_config_changed(tmp_path):
