@@ -211,6 +211,23 @@ def test_open_clip_mean_std_and_transform(oc_ckpts):
     torch.testing.assert_close(px[:, 30, 30], torch.tensor([1.0, -1.0, (0.2 - 0.5) / 0.5]))
 
 
+def test_open_clip_bare_model_config_gets_its_familys_preprocessing(oc_ckpts):
+    """A model-config JSON without preprocess_cfg (open_clip's model_configs/*.json schema): a copy of a
+    built-in arch's config takes that arch's tags' mean/std/resize; another SigLIP config SigLIP's (0.5 mean
+    and std, squash: it got OpenAI's mean/std and a centre crop); anything else OpenAI's and a crop."""
+    from lvlm.models.vision.open_clip import _Arch, _mean_std, _resize
+
+    siglip = build_vision(OpenCLIPVisionConfig(arch=str(oc_ckpts["siglip"][0] / "model_config.json"), pretrained=""))
+    assert siglip.mean == pytest.approx((0.5,) * 3) and siglip.std == pytest.approx((0.5,) * 3)
+    assert siglip.resize == "squash"
+    clip = build_vision(_oc_cfg(oc_ckpts["clip"][0], "clip"))                    # model_config.json, no tags
+    assert clip.mean == pytest.approx(OPENAI_MEAN) and clip.resize == "crop"
+    for name in ("ViT-B-16-SigLIP", "ViT-B-16-quickgelu", "MobileCLIP-S1"):     # without building them
+        named, copied = _Arch(name, open_clip.get_model_config(name)), _Arch(None, open_clip.get_model_config(name))
+        assert (_mean_std(copied, {}), _resize(copied, {})) == (_mean_std(named, {}), _resize(named, {})), name
+    assert _mean_std(_Arch(None, open_clip.get_model_config("MobileCLIP-S1")), {})[0] == (0.0, 0.0, 0.0)
+
+
 def test_open_clip_errors(oc_ckpts, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"unknown open_clip arch 'ViT-L-14-33'.*ViT-L-14-336"):
         OpenCLIPVisionEncoder.describe("ViT-L-14-33")

@@ -197,14 +197,26 @@ def _resolve_pretrained(arch: _Arch, pretrained: str) -> tuple[str | None, dict]
     return path, tags[pretrained]
 
 
+def _family_cfgs(arch: _Arch) -> list[dict]:
+    """The pretrained-tag configs that speak for ``arch``'s preprocessing: its own tags; for a model-config
+    file, those of the built-in archs with the very same model config, else, for a SigLIP config (the only
+    ones carrying ``init_logit_bias``, the sigmoid loss's bias), those of every built-in SigLIP arch."""
+    if arch.name is not None:
+        return list(_tag_cfgs(arch.name).values())
+    configs = {name: open_clip.get_model_config(name) or {} for name in open_clip.list_models()}
+    same = [name for name, cfg in configs.items() if cfg == arch.model_cfg]
+    if not same and "init_logit_bias" in arch.model_cfg:
+        same = [name for name, cfg in configs.items() if "init_logit_bias" in cfg]
+    return [c for name in same for c in _tag_cfgs(name).values()]
+
+
 def _mean_std(arch: _Arch, tag_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """open_clip_config.json preprocess_cfg > the tag's > what all tags of the arch agree on > OpenAI."""
+    """open_clip_config.json preprocess_cfg > the tag's > what all tags of the arch's family agree on > OpenAI."""
     for source in (arch.preprocess, tag_cfg):
         if "mean" in source and "std" in source:
             return tuple(source["mean"]), tuple(source["std"])
     default = (tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
-    agreed = {(tuple(c.get("mean", default[0])), tuple(c.get("std", default[1])))
-              for c in _tag_cfgs(arch.name).values()}
+    agreed = {(tuple(c.get("mean", default[0])), tuple(c.get("std", default[1]))) for c in _family_cfgs(arch)}
     return agreed.pop() if len(agreed) == 1 else default
 
 
@@ -216,7 +228,7 @@ def _resize(arch: _Arch, tag_cfg: dict) -> str:
     for source in (arch.preprocess, tag_cfg):
         if "resize_mode" in source:
             return _RESIZE_MODES.get(source["resize_mode"], "crop")
-    agreed = {c.get("resize_mode", "shortest") for c in _tag_cfgs(arch.name).values()}
+    agreed = {c.get("resize_mode", "shortest") for c in _family_cfgs(arch)}
     return _RESIZE_MODES.get(agreed.pop(), "crop") if len(agreed) == 1 else "crop"
 
 
