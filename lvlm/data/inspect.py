@@ -31,8 +31,9 @@ from lvlm.data.packing import plan_packing
 from lvlm.data.skips import PARTITIONED_REASONS
 from lvlm.data.tokenize import SampleTokenizer
 
-PACK_ORDER = "decreasing"
-"""How ``TrainBatches`` packs (first-fit-decreasing: its row lengths do not depend on the samples' order)."""
+PACK_ORDER = "arrival"
+"""How ``TrainBatches`` packs (``RowFiller``: first fit in stream order), so the packed estimate of an unpacked
+config is what packing these samples would give."""
 MAX_READ_FACTOR = 20
 """Give up after reading this many times ``num_samples`` raw samples (nearly everything dropped)."""
 

@@ -143,6 +143,19 @@ def test_inspect_measures_a_fixture_mixture(spec, mixture, pack):
     assert "captions/missing_caption=1" in text and "docs" in text
 
 
+def test_inspect_estimates_packing_as_the_loader_packs():
+    """The packed-waste estimate of an unpacked config lays samples out as the loader's RowFiller does (first
+    fit in stream order), not first-fit-decreasing: 10,6,4,8,8,4 into rows of 20 are 2 rows, not 3."""
+    from lvlm.data.inspect import PACK_ORDER
+    from lvlm.data.packing import RowFiller, plan_from_rows, plan_packing
+
+    lengths = [10, 6, 4, 8, 8, 4]
+    filler = RowFiller(rows=len(lengths), max_length=20)
+    for n in lengths:
+        filler.add(n)
+    assert plan_packing(lengths, 20, PACK_ORDER) == plan_from_rows(lengths, 20, filler.placed) == [[0, 1, 2], [3, 4, 5]]
+
+
 def test_inspect_reads_what_training_reads(spec, mixture):
     """Per-source counts equal those of the training loader's batches; packing changes only the padding."""
     cfg = data_config(mixture)
