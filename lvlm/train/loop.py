@@ -166,7 +166,7 @@ def train(cfg: Config) -> Summary:
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
             (global_tokens, stop) = engine.all_reduce_sum([local_tokens, float(preempt.requested)])
             scale = world * accum / max(global_tokens, 1.0)
-            loss_sum = 0.0
+            loss_parts = []  # per micro-batch, on the device: one host sync per step, not per micro-batch
             mix_counts = [0.0] * (2 * len(mix_names) + 2)  # per source: samples, tokens; then padded, positions
             for batch in micro:
                 for j, name in enumerate(mix_names):
@@ -182,8 +182,9 @@ def train(cfg: Config) -> Summary:
                 if step == start_step and i == accum - 1:
                     stages.check_gradients(engine.module.module, plan, engine.full_grad)
                 engine.step()
-                loss_sum += float(out.loss_sum.detach())
+                loss_parts.append(out.loss_sum.detach().double())
                 per_worker[batch["batch_index"] % workers] = batch["skipped"]
+            loss_sum = float(torch.stack(loss_parts).sum())
             (loss_total, *mix_counts) = engine.all_reduce_sum([loss_sum, *mix_counts])
             step_sources = {name: {"samples": int(mix_counts[2 * j]), "tokens": int(mix_counts[2 * j + 1])}
                             for j, name in enumerate(mix_names)}
