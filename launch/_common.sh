@@ -6,6 +6,14 @@
 # lvlm_need_config  exits with the caller's usage text when no CONFIG argument was given.
 set -euo pipefail
 
+# Preemption (lvlm checkpoints and exits 0 on SIGTERM or SIGUSR1): torchrun forwards to the workers only the
+# signals it handles (default SIGTERM, SIGINT, SIGHUP, SIGQUIT; a SIGUSR1, Slurm's usual warning signal, killed
+# torchrun and left the workers running) and SIGKILLs them 30 s after forwarding. Handle SIGUSR1 too and give
+# the workers time to finish their step and write the checkpoint (overridable).
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-$PET_SIGNALS_TO_HANDLE}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
+
 lvlm_quote() {  # one line; a word is kept as-is when safe, else single-quoted
     local out="" arg q="'"
     for arg in "$@"; do

@@ -1,7 +1,7 @@
 """Typed configuration for every knob in lvlm.
 
-Owns: the dataclass schema (``schema.py``), YAML + dotted CLI loading and validation
-(``load.py``). Imports nothing heavy (no torch), so configs can be checked anywhere.
+Owns: the dataclass schema (``schema.py``), YAML + dotted CLI loading (``load.py``) and value checks
+(``validate.py``). Imports nothing heavy (no torch), so configs can be checked anywhere.
 """
 from lvlm.config.load import ConfigError, dump_config, load_config, validate
 from lvlm.config.schema import (

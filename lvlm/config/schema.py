@@ -195,6 +195,12 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------ data
 
 
+LLAVA_FORMATS: tuple[str, ...] = ("plain", "chat")
+INTERLEAVED_FORMATS: tuple[str, ...] = ("webdataset", "mmc4", "obelics")
+IMAGE_POSITIONS: tuple[str, ...] = ("before", "after")
+TEXT_FORMATS: tuple[str, ...] = ("jsonl", "webdataset", "parquet")
+
+
 @dataclass
 class SourceConfig(draccus.ChoiceRegistry):
     """A caption data source; ``type`` picks the format."""

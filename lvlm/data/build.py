@@ -258,6 +258,16 @@ def build_sources(cfg: DataConfig, resolve_path: Optional[Callable[[str], str]] 
     return [(source.name, source, 1.0)]
 
 
+def check_max_length(cfg: DataConfig, tokens_per_image: int, bos_token_id: Optional[int]) -> None:
+    """ValueError when ``data.max_length`` leaves no room for one image and one text token."""
+    needed = tokens_per_image + (bos_token_id is not None) + 1
+    if cfg.max_length < needed:
+        raise ValueError(
+            f"data.max_length={cfg.max_length} leaves no room for one image ({tokens_per_image} tokens)"
+            f"{' after bos' if bos_token_id is not None else ''} and one caption token; need >= {needed}"
+        )
+
+
 def build_train_loader(
     cfg: DataConfig,
     *,
@@ -275,18 +285,15 @@ def build_train_loader(
     seed: int,
     start_batch: int = 0,
     resolve_path: Optional[Callable[[str], str]] = None,
+    sources: Optional[list[tuple[str, CaptionSource, float]]] = None,
 ) -> Union[TrainBatches, DataLoader]:
     """An infinite iterable of batches: ``collate``'s (or ``packed_collate``'s) keys plus ``batch_index``,
     ``skipped`` (cumulative skip counts by reason, as seen by the process that built the batch) and
-    ``source_counts`` (source name -> [samples, tokens] in this batch)."""
+    ``source_counts`` (source name -> [samples, tokens] in this batch). ``sources``: ``build_sources(cfg)``
+    built already (training builds them before it writes anything, so a missing file is refused first)."""
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
-    needed = tokens_per_image + (bos_token_id is not None) + 1
-    if cfg.max_length < needed:
-        raise ValueError(
-            f"data.max_length={cfg.max_length} leaves no room for one image ({tokens_per_image} tokens)"
-            f"{' after bos' if bos_token_id is not None else ''} and one caption token; need >= {needed}"
-        )
+    check_max_length(cfg, tokens_per_image, bos_token_id)
     sample_tokenizer = SampleTokenizer(
         tokenizer,
         image_token_id=image_token_id,
@@ -297,7 +304,7 @@ def build_train_loader(
         system_prompt=cfg.system_prompt,
     )
     dataset = TrainBatches(
-        build_sources(cfg, resolve_path),
+        sources if sources is not None else build_sources(cfg, resolve_path),
         sample_tokenizer,
         image_transform=image_transform,
         image_size=image_size,

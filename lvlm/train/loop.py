@@ -19,7 +19,7 @@ import yaml
 
 from lvlm.config import ConfigError
 from lvlm.config.schema import Config
-from lvlm.data.build import build_train_loader, stop_workers
+from lvlm.data.build import build_sources, build_train_loader, check_max_length, stop_workers
 from lvlm.data.skips import merge_skip_counts
 from lvlm.models.build import build_lvlm
 from lvlm.models.lvlm import IGNORE_INDEX
@@ -82,7 +82,10 @@ def train(cfg: Config) -> Summary:
 
     log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
-    model, image_transform, tokenizer = build_lvlm(cfg.model)
+    try:
+        model, image_transform, tokenizer = build_lvlm(cfg.model)
+    except ValueError as e:  # a value only the backbones can judge (feature_layer past the tower, image_token...)
+        raise ConfigError(str(e)) from e
     loaded, started_from = _init_from(model, cfg.stage.init_from)  # started_from: recorded in every checkpoint
     carried = frozenset(loaded)
     try:
@@ -91,7 +94,8 @@ def train(cfg: Config) -> Summary:
     except ValueError as e:  # a stage this model cannot have (e.g. stage.vision_from_layer past its blocks)
         raise ConfigError(str(e)) from e
     log.info("stage '%s': trainable parameters\n%s", cfg.stage.name, stages.parameter_table(model))
-    _supersede_if_fresh(cfg, run_dir, rank, world)  # only now: a refused stage plan moves nothing
+    sources, probe = _data_and_probe(cfg, model, image_transform)
+    _supersede_if_fresh(cfg, run_dir, rank, world)  # only now: a refused model, stage or data moves nothing
     if cfg.train.activation_checkpointing:
         model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -116,7 +120,7 @@ def train(cfg: Config) -> Summary:
         image_token_id=model.image_token_id, tokens_per_image=model.tokens_per_image,
         bos_token_id=model.llm.bos_token_id, eos_token_id=model.llm.eos_token_id,
         pad_token_id=model.llm.pad_token_id, micro_batch_size=cfg.train.micro_batch_size,
-        rank=rank, world_size=world, seed=cfg.seed, start_batch=start_step * accum)
+        rank=rank, world_size=world, seed=cfg.seed, start_batch=start_step * accum, sources=sources)
     batches = iter(loader)
     log.info("data: %s, %d image tokens per image, %d rank(s) x %d x %d samples per step",
              type(cfg.data.source).__name__, model.tokens_per_image, world, accum, cfg.train.micro_batch_size)
@@ -126,13 +130,6 @@ def train(cfg: Config) -> Summary:
     config_yaml = dump_config(cfg)
     metrics = Tracker(run_dir, cfg.track, config=yaml.safe_load(config_yaml), enabled=rank == 0)
     summary = Summary(run_dir=str(run_dir), steps=cfg.train.max_steps, resumed_from=resumed_from)
-    probe = None
-    if cfg.mir.every:
-        from lvlm.mir.api import probe_for
-
-        probe = probe_for(cfg, model, image_transform)
-        log.info("MIR probe: %d samples (hash %s), every %d steps%s", probe.num_samples, probe.digest[:12],
-                 cfg.mir.every, f"; passed over: {probe.skipped}" if probe.skipped else "")
 
     def measure_mir(at_step: int) -> None:
         from lvlm.mir.collect import probe_mir
@@ -156,15 +153,26 @@ def train(cfg: Config) -> Summary:
     per_worker: dict[int, dict] = {}  # cumulative skip counts of each of this rank's data workers
     workers = max(1, cfg.data.num_workers)
     preempt = PreemptionFlag()
+    grad_check_pending = True
+    image_parts = any(plan.get(part) for part in ("vision", "connector", "moca"))  # trained parts images feed
     with preempt, ExitStack() as cleanup:
         # end the data workers when training ends, also on an error (see stop_workers)
         cleanup.callback(stop_workers, batches)
+        if bar is not None:  # log lines (train.log_every, MIR, checkpoints) print above the bar, not through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            cleanup.enter_context(logging_redirect_tqdm())
         for step in range(start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
             lr, lrs = engine.lr, engine.lrs  # the rates this step's update uses (the scheduler steps with it)
             micro = [next(batches) for _ in range(accum)]
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            (global_tokens, stop) = engine.all_reduce_sum([local_tokens, float(preempt.requested)])
+            local_images = sum(b["pixel_values"].shape[0] for b in micro)
+            (global_tokens, stop, images) = engine.all_reduce_sum([local_tokens, float(preempt.requested),
+                                                                   float(local_images)])
+            # the first-step gradient check waits for a step with an image (on any rank): without one the parts
+            # before the LLM get no gradient (a text-only first batch of a mixture, every image skipped so far)
+            check_now = grad_check_pending and (images > 0 or not image_parts)
             scale = world * accum / max(global_tokens, 1.0)
             loss_parts = []  # per micro-batch, on the device: one host sync per step, not per micro-batch
             mix_counts = [0.0] * (2 * len(mix_names) + 2)  # per source: samples, tokens; then padded, positions
@@ -179,8 +187,9 @@ def train(cfg: Config) -> Summary:
             for i, batch in enumerate(micro):
                 out = engine.forward(**_to_device(batch, engine.device))
                 engine.backward(out.loss_sum * scale)
-                if step == start_step and i == accum - 1:
+                if check_now and i == accum - 1:
                     stages.check_gradients(engine.module.module, plan, engine.full_grad)
+                    grad_check_pending = False
                 engine.step()
                 loss_parts.append(out.loss_sum.detach().double())
                 per_worker[batch["batch_index"] % workers] = batch["skipped"]
@@ -211,7 +220,7 @@ def train(cfg: Config) -> Summary:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / dt:,.0f}", refresh=False)
                 bar.update(1)
-            if (step + 1) % cfg.train.log_every == 0 and rank == 0 and bar is None:
+            if (step + 1) % cfg.train.log_every == 0 and rank == 0:
                 log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.train.max_steps, loss, lr,
                          global_tokens / dt)
             done = step + 1 == cfg.train.max_steps
@@ -262,6 +271,28 @@ def _check_run_dir(cfg: Config, run_dir: Path, world: int) -> list[str]:
         log.warning("resume force: continuing %s under a changed config (checkpoint -> now):\n  %s", run_dir,
                     "\n  ".join(changes))
     return changes
+
+
+def _data_and_probe(cfg: Config, model, image_transform):
+    """The data sources and the MIR probe (None with ``mir.every`` 0), built before anything is written: a
+    missing file, a ``data.max_length`` below one image or an unusable probe is a ConfigError here, not a
+    traceback after the run directory was written (or an earlier run moved away)."""
+    try:
+        check_max_length(cfg.data, model.tokens_per_image, model.llm.bos_token_id)
+        sources = build_sources(cfg.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from e
+    if not cfg.mir.every:
+        return sources, None
+    from lvlm.mir.api import probe_for
+
+    try:
+        probe = probe_for(cfg, model, image_transform)
+    except (ValueError, OSError) as e:  # too few usable probe samples, missing files, undecodable images
+        raise ConfigError(f"MIR probe (mir.*; mir.every 0 turns MIR off): {e}") from e
+    log.info("MIR probe: %d samples (hash %s), every %d steps%s", probe.num_samples, probe.digest[:12],
+             cfg.mir.every, f"; passed over: {probe.skipped}" if probe.skipped else "")
+    return sources, probe
 
 
 def _supersede_if_fresh(cfg: Config, run_dir: Path, rank: int, world: int) -> None:

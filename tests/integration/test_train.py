@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,8 +46,10 @@ def assert_falls(loss: dict[int, float], min_drop: float) -> None:
 def test_single_process_end_to_end(tiny, tmp_path):
     run = tmp_path / "run"
     proc = run_train(tiny, run, [*LEARN, "--train.max_steps", "16", "--train.save_every", "8",
-                                 "--track.tensorboard", "true"])
+                                 "--track.tensorboard", "true", "--train.progress", "true", "--train.log_every", "4"])
     assert "lvlm train summary" in proc.stdout
+    # a log line every train.log_every steps, also beside the progress bar (it used to replace them)
+    assert re.findall(r"lvlm\.train: step (\d+)/16 loss", proc.stderr) == ["4", "8", "12", "16"]
     loss = losses(run)
     assert sorted(loss) == list(range(1, 17))
     assert_falls(loss, 0.15)
@@ -360,6 +363,45 @@ def test_text_only_rank_next_to_image_rank_does_not_hang_zero3(tiny, tmp_path):
               launcher="torchrun", nproc=2, timeout=300)
     summary = next(r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "summary")
     assert {k: v["samples"] for k, v in summary["sources"].items()} == {"cap": 3, "txt": 3}
+
+
+def test_a_first_step_without_images_defers_the_gradient_check(tiny, tmp_path):
+    """The first-step check that every trained part got a gradient waits for a step with an image: a mixture
+    whose first micro-batch is text-only trained fine in two processes but failed in one ("stage trains
+    'connector' but it received no gradient"), and a shard of undecodable images failed with that message
+    instead of TooManySkipsError with the skip counts."""
+    import tarfile
+    from io import BytesIO
+    from pathlib import Path
+
+    from lvlm.track import read_metrics
+
+    world = Path(tiny["mir.images"]).parents[1]
+    run = tmp_path / "text_first"
+    run_train(tiny, run, ["--data.mixture.txt.weight", "1", "--data.mixture.txt.source.type", "text",
+                          "--data.mixture.txt.source.format", "webdataset", "--data.mixture.txt.source.files",
+                          str(world / "text" / "train-{000000..000001}.tar"),
+                          "--data.mixture.cap.weight", "1", "--data.mixture.cap.source.type", "webdataset",
+                          "--data.mixture.cap.source.shards", str(world / "captions" / "train-{000000..000003}.tar"),
+                          "--train.max_steps", "3", "--train.micro_batch_size", "1", "--mir.every", "0"])
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r and "step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [s for s in steps[0]["sources"]] and steps[0]["sources"]["cap"]["samples"] == 0  # step 1: text only
+
+    bad = tmp_path / "corrupt-000000.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i in range(300):
+            for ext, data in (("jpg", b"not a jpeg" * 8), ("txt", b"a red circle at the top")):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, BytesIO(data))
+    proc = subprocess.run(train_cmd(tiny, tmp_path / "corrupt", ["--data.source.shards", str(bad),
+                                                                 "--train.max_steps", "30", "--mir.every", "0",
+                                                                 "--data.num_workers", "0"]),
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "TooManySkipsError" in proc.stderr and "'corrupt_image'" in proc.stderr, proc.stderr[-2000:]
+    assert "received no gradient" not in proc.stderr
 
 
 @pytest.mark.slow

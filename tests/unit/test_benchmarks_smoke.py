@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark scripts: ``benchmarks/mir_7b_bench.py --tiny`` runs end to end.
+"""Smoke tests of the benchmark scripts: ``mir_7b_bench.py --tiny`` and ``data_bench.py --quick`` run end to end.
 
 Runs the script in a subprocess, as a user would, so the whole path is covered: random-weight
 model written and built through ``build_lvlm``, synthetic probe, ``probe_mir`` under several
@@ -74,3 +74,15 @@ def test_gpu_checks_script_runs_end_to_end_at_tiny_size(tmp_path) -> None:
     assert "cuda tests exit 0, benchmark exit 0" in (tmp_path / "machine.txt").read_text()
     assert "skipped" in (tmp_path / "cuda_tests.log").read_text()  # the gpu tests were collected
     assert "MIR spread across 3 configurations" in (tmp_path / "mir_7b.log").read_text()
+
+
+def test_data_bench_quick_runs_end_to_end() -> None:
+    """``benchmarks/data_bench.py --quick`` (the README's loader-throughput and padding numbers) runs through both
+    parts: it had rotted twice unnoticed (an encoder stand-in without ``resize``; a check of the packed waste
+    that no longer held once packed micro-batches became rows of samples)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_bench.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "Part 1" in proc.stdout and "Part 2" in proc.stdout and "total" in proc.stdout, proc.stdout[-2000:]
+    waste_rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["128"], ["512"])]
+    assert len(waste_rows) == 2 and all(r[8] == "yes" for r in waste_rows), proc.stdout[-2000:]  # W0 == W1

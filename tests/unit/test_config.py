@@ -68,6 +68,36 @@ def test_override_of_choice_field_keeps_current_type():
     (["--train.micro_batch_size", "0"], "train.micro_batch_size must be > 0"),
     (["--stage.train_connector", "false"], "stage trains nothing"),
     (["--optim.warmup_ratio", "1.5"], "optim.warmup_ratio"),
+    # non-finite numbers: lr inf trained to nan losses, grad_clip nan silently turned clipping off
+    (["--optim.lr", "inf"], "optim.lr must be > 0 and finite, got inf"),
+    (["--optim.lr", "nan"], "optim.lr must be > 0 and finite, got nan"),
+    (["--optim.grad_clip", "nan"], "optim.grad_clip must be >= 0 and finite, got nan"),
+    # data-source choices: refused at load, not by the loader after the model build
+    (["--data.source.type", "llava_json", "--data.source.format", "bogus"],
+     "invalid value 'bogus' for data.source.format; valid choices: plain, chat"),
+    (["--data.source.type", "text", "--data.source.format", "csv"],
+     "data.source.format; valid choices: jsonl, webdataset, parquet"),
+    (["--data.source.type", "interleaved", "--data.source.image_position", "middle"],
+     "data.source.image_position; valid choices: before, after"),
+    (["--data.source.type", "interleaved", "--data.source.max_images", "-1"], "data.source.max_images must be >= 0"),
+    (["--data.mixture.a.source.type", "llava_json", "--data.mixture.a.source.format", "x"],
+     "data.mixture.a.source.format; valid choices: plain, chat"),
+    (["--mir.texts.type", "text", "--mir.texts.format", "txt"], "mir.texts.format; valid choices"),
+    (["--mir.max_length", "-5"], "mir.max_length must be > 0"),
+    (["--model.connector.type", "qformer", "--model.connector.cross_attention_every", "0"],
+     "model.connector.cross_attention_every must be > 0"),
+    (["--model.llm.image_token", " "], "model.llm.image_token is empty"),
+    # keys the rest of the config leaves without effect
+    (["--data.source.type", "interleaved", "--data.source.image_position", "after"],
+     "applies to format mmc4 only"),
+    (["--data.source.type", "interleaved", "--data.source.image_folder", "/imgs"],
+     "data.source.image_folder is set but data.source.format is 'webdataset'"),
+    (["--data.source.type", "text", "--data.source.format", "webdataset", "--data.source.field", "body"],
+     "data.source.field 'body' is set but data.source.format is 'webdataset'"),
+    (["--optim.schedule", "constant", "--optim.min_lr_ratio", "0.1"], "optim.min_lr_ratio is 0.1 but optim.schedule"),
+    (["--data.mix_by", "tokens"], "data.mix_by is 'tokens' but there is no data.mixture"),
+    (["--stage.lora.alpha", "32"], "stage.lora.alpha set but stage.lora.r is 0"),
+    (["--stage.lora.save", "adapter"], "stage.lora.save set but stage.lora.r is 0"),
 ])
 def test_bad_overrides_are_refused(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
@@ -221,18 +251,31 @@ def test_stage_lr_for_trained_parts_loads():
     assert cfg.stage.lr.vision == 1e-6
 
 
-def test_stage_the_built_model_cannot_have_is_a_clean_config_error(tmp_path):
-    """stage.vision_from_layer past the encoder's blocks is known only once the model is built: `lvlm train`
-    still exits 2 with a config error (no traceback) and writes nothing; with `resume false` the earlier run
-    in run_dir stays where it was (it was moved to superseded/ before the model was built)."""
+@pytest.mark.parametrize("extra, expected", [
+    (["--stage.train_vision", "true", "--stage.vision_from_layer", "99"],
+     "config error: stage.vision_from_layer 99 leaves nothing to train"),
+    (["--model.vision.feature_layer", "-40"], "config error: feature_layer=-40 is out of range"),
+    (["--data.max_length", "8"], "config error: data: data.max_length=8 leaves no room for one image"),
+    ([], "config error: data: no shard file matches"),
+    (["--data.source.shards", "SHARDS", "--mir.every", "5"], "config error: MIR probe (mir.*; mir.every 0"),
+], ids=["stage", "feature_layer", "max_length", "missing_shards", "missing_probe"])
+def test_what_only_the_built_model_can_judge_is_a_clean_config_error(tmp_path, extra, expected):
+    """Values judged once the model is built (stage.vision_from_layer past the encoder's blocks, a feature
+    layer past the tower, data.max_length below one image, missing data or probe files): `lvlm train` still
+    exits 2 with a config error (no traceback) and writes nothing; with `resume false` the earlier run in
+    run_dir stays where it was (it was moved to superseded/ before the model was built, and data and probe
+    errors came as tracebacks after the run directory was written)."""
     import subprocess
     import sys
 
+    from data_fixtures import caption_member, write_shard
     from model_fixtures import save_llm
     from vision_fixtures import save_hf
 
     save_hf("clip", tmp_path / "clip")
     save_llm("llama", tmp_path / "llama")
+    write_shard(str(tmp_path / "train-000000.tar"), [caption_member(f"{i:04d}", i) for i in range(4)])
+    extra = [str(tmp_path / "train-000000.tar") if a == "SHARDS" else a for a in extra]
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')                 # an earlier run's files
@@ -240,16 +283,15 @@ def test_stage_the_built_model_cannot_have_is_a_clean_config_error(tmp_path):
            "--model.vision.name_or_path", str(tmp_path / "clip"), "--model.llm.name_or_path", str(tmp_path / "llama"),
            "--data.source.shards", str(tmp_path / "none-{000000..000001}.tar"), "--mir.every", "0",
            "--mir.images", str(tmp_path / "none.tar"), "--mir.texts", str(tmp_path / "none.jsonl"),
-           "--stage.train_vision", "true", "--stage.vision_from_layer", "99", "--run_dir", str(run)]
+           "--run_dir", str(run), *extra]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "lvlm train: config error: stage.vision_from_layer 99 leaves nothing to train" in proc.stderr
+    assert f"lvlm train: {expected}" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]   # nothing moved or written
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
-
 
 
 def test_unknown_cli_key_gets_the_yaml_message_not_a_usage_dump(tmp_path, capsys):

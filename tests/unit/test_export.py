@@ -40,8 +40,8 @@ CASES = {
     "clip-silu-84px": ("clip_vision", "llama", MLPConnectorConfig(depth=2, activation="silu"), {"image_size": 84},
                        "default", "silu", 2),
     "siglip-mlp2-gelu": ("siglip_vision", "llama", MLPConnectorConfig(depth=2), {}, "full", "gelu", 2),
-    "siglip-tanh-cls-28px": ("siglip", "llama", MLPConnectorConfig(depth=2, activation="tanh"),
-                             {"keep_cls": True, "image_size": 28}, "full", "tanh", 2),
+    "siglip-tanh-28px": ("siglip", "llama", MLPConnectorConfig(depth=2, activation="tanh"),
+                         {"image_size": 28}, "full", "tanh", 2),                # SigLIP has no CLS to keep
     "clip-qwen2": ("clip_vision", "qwen2", MLPConnectorConfig(depth=2), {}, "default", "gelu", 2),
     "clip-tied-llama-linear": ("clip_vision", "llama_tied", LinearConnectorConfig(), {}, "default", "linear", 2),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_fixtures import save_llm
+from model_fixtures import WORDS, save_llm
 from vision_fixtures import save_hf
 
 from lvlm.config.schema import HFVisionConfig, LinearConnectorConfig, LLMConfig, MLPConnectorConfig, ModelConfig
@@ -41,6 +41,18 @@ def test_llm_families_load_by_path(tmp_path, family, has_bos, layer):
     assert lm.pad_token_id is not None
     random = build_llm(LLMConfig(name_or_path=str(path), random_init=True))
     assert not torch.equal(random.model.lm_head.weight[:before], lm.model.lm_head.weight[:before])
+
+
+def test_image_token_must_not_be_a_word_of_the_vocabulary(tmp_path):
+    """An ordinary vocabulary token as the placeholder would turn every occurrence of that word in the training
+    text into an image slot (the tokenizer strips the image id from text): refused; an added token is fine."""
+    path = save_llm("llama", tmp_path / "llama")
+    word = WORDS[0]
+    with pytest.raises(ValueError, match=f"model.llm.image_token '{word}' is an ordinary token"):
+        build_llm(LLMConfig(name_or_path=str(path), image_token=word))
+    first = build_llm(LLMConfig(name_or_path=str(path)))                  # <image> added as a special token
+    first.tokenizer.save_pretrained(path)
+    assert build_llm(LLMConfig(name_or_path=str(path))).image_token_id == first.image_token_id  # reused, no error
 
 
 def test_llm_missing_path_is_clear(tmp_path):

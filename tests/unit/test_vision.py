@@ -59,7 +59,7 @@ def test_hf_features_equal_original_hidden_states(hf_ckpts, kind):
     out = _features(enc, x)
     assert out.shape == (2, enc.num_tokens(), 32)
     torch.testing.assert_close(out, ref[-2][:, prefix:])
-    last = _features(build_vision(HFVisionConfig(name_or_path=str(path), feature_layer=-1, keep_cls=True)), x)
+    last = _features(build_vision(HFVisionConfig(name_or_path=str(path), feature_layer=-1, keep_cls=bool(prefix))), x)
     assert last.shape == (2, 16 + prefix, 32)
     torch.testing.assert_close(last, ref[-1])
     assert not torch.allclose(last[:, prefix:], out)
@@ -71,7 +71,7 @@ def test_hf_features_equal_original_hidden_states(hf_ckpts, kind):
 def test_hf_resolution_override(hf_ckpts, kind):
     path, tower = hf_ckpts[kind]
     prefix = 1 if kind == "clip" else 0
-    enc = build_vision(HFVisionConfig(name_or_path=str(path), image_size=112, keep_cls=True))
+    enc = build_vision(HFVisionConfig(name_or_path=str(path), image_size=112, keep_cls=bool(prefix)))
     assert enc.image_size == 112 and enc.num_tokens() == 64 + prefix
     x = _x(112)
     out = _features(enc, x)
@@ -157,7 +157,7 @@ def test_open_clip_features_equal_original_hidden_states(oc_ckpts, family):
     out = _features(enc, x)
     assert out.shape == (2, n, dim)
     torch.testing.assert_close(out, ref[-2][:, prefix:])
-    last = _features(build_vision(_oc_cfg(path, family, feature_layer=-1, keep_cls=True)), x)
+    last = _features(build_vision(_oc_cfg(path, family, feature_layer=-1, keep_cls=bool(prefix))), x)
     assert last.shape == (2, n + prefix, dim)
     torch.testing.assert_close(last, ref[-1])
     assert not torch.allclose(last[:, prefix:], out)
@@ -169,7 +169,7 @@ def test_open_clip_features_equal_original_hidden_states(oc_ckpts, family):
 def test_open_clip_resolution_override(oc_ckpts, family, size):
     path, _ = oc_ckpts[family]
     prefix, dim = FAMILIES[family][1], FAMILIES[family][2]
-    enc = build_vision(_oc_cfg(path, family, image_size=size, keep_cls=True))
+    enc = build_vision(_oc_cfg(path, family, image_size=size, keep_cls=bool(prefix)))
     n = (size // 14) ** 2
     assert enc.image_size == size and enc.num_tokens() == n + prefix and enc.num_tokens(56) == 16 + prefix
     x = _x(size)
@@ -226,6 +226,18 @@ def test_open_clip_bare_model_config_gets_its_familys_preprocessing(oc_ckpts):
         named, copied = _Arch(name, open_clip.get_model_config(name)), _Arch(None, open_clip.get_model_config(name))
         assert (_mean_std(copied, {}), _resize(copied, {})) == (_mean_std(named, {}), _resize(named, {})), name
     assert _mean_std(_Arch(None, open_clip.get_model_config("MobileCLIP-S1")), {})[0] == (0.0, 0.0, 0.0)
+
+
+def test_keep_cls_on_a_tower_without_cls_is_refused(oc_ckpts, tmp_path):
+    """SigLIP has no CLS token: keep_cls would change nothing (the token count stayed the same), so it is refused,
+    HF and open_clip alike; CLIP keeps its CLS token (one more feature token)."""
+    vf.save_hf("siglip", tmp_path / "siglip")
+    with pytest.raises(ValueError, match="keep_cls is true but this tower puts no CLS"):
+        build_vision(HFVisionConfig(name_or_path=str(tmp_path / "siglip"), keep_cls=True, random_init=True))
+    with pytest.raises(ValueError, match="keep_cls is true but this tower puts no CLS"):
+        build_vision(_oc_cfg(oc_ckpts["siglip"][0], "siglip", keep_cls=True))
+    clip = build_vision(_oc_cfg(oc_ckpts["clip"][0], "clip", keep_cls=True))
+    assert clip.num_tokens() == build_vision(_oc_cfg(oc_ckpts["clip"][0], "clip")).num_tokens() + 1
 
 
 def test_open_clip_errors(oc_ckpts, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 from lvlm.config.schema import (
+    LLAVA_FORMATS,
     InterleavedSourceConfig,
     LLaVAJsonSourceConfig,
     SourceConfig,
@@ -96,7 +97,7 @@ def build_source(
     if isinstance(cfg, LLaVAJsonSourceConfig):
         from lvlm.data.sources.llava_json import LLaVAJsonSource
 
-        check_choice("format", cfg.format, ("plain", "chat"), "a llava_json")
+        check_choice("format", cfg.format, LLAVA_FORMATS, "a llava_json")
         return LLaVAJsonSource(resolve(cfg.json_path), resolve(cfg.image_folder), drop_prompt=cfg.format == "plain",
                                name=name or "llava_json")
     if isinstance(cfg, InterleavedSourceConfig):

@@ -36,6 +36,7 @@ from functools import partial
 from typing import Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
+from lvlm.config.schema import IMAGE_POSITIONS, INTERLEAVED_FORMATS
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.sources import SampleRef, check_choice
@@ -43,8 +44,6 @@ from lvlm.data.sources.webdataset_caption import IMAGE_EXTENSIONS as CAPTION_IMA
 from lvlm.data.sources.tar_groups import Value, iter_tar_groups, read_member
 from lvlm.data.sources.text import DocumentFileSource, file_key, iter_jsonl, iter_parquet_rows
 
-INTERLEAVED_FORMATS: tuple[str, ...] = ("webdataset", "mmc4", "obelics")
-IMAGE_POSITIONS: tuple[str, ...] = ("before", "after")
 ROLES: tuple[str, ...] = ("assistant", "user", "system")
 
 

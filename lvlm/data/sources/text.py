@@ -27,13 +27,12 @@ from functools import partial
 from typing import Any, Iterator, Optional, Sequence
 
 
+from lvlm.config.schema import TEXT_FORMATS
 from lvlm.data.sample import Sample, TextSegment
 from lvlm.data.skips import SkipCounter
 from lvlm.data.sources import SampleRef, check_choice
 from lvlm.data.sources.tar_groups import iter_tar_groups, read_member  # noqa: F401  (shared readers)
 from lvlm.data.sources.webdataset_caption import _is_local, _local_path, expand_shards
-
-TEXT_FORMATS: tuple[str, ...] = ("jsonl", "webdataset", "parquet")
 
 
 

@@ -79,7 +79,14 @@ def build_llm(cfg: LLMConfig) -> LanguageModel:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **common)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=dtype, **common)
-    if cfg.image_token not in tokenizer.get_vocab():
+    if cfg.image_token in tokenizer.get_vocab():
+        added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+        if cfg.image_token not in added:  # text encoding strips the image id: the word would vanish from all text
+            raise ValueError(f"model.llm.image_token {cfg.image_token!r} is an ordinary token of the LLM's "
+                             f"vocabulary (id {tokenizer.convert_tokens_to_ids(cfg.image_token)}): every occurrence "
+                             "in training text would be taken for an image; choose a string the vocabulary does not "
+                             "hold (default <image>) or one of its added tokens")
+    else:
         tokenizer.add_special_tokens({"additional_special_tokens": [cfg.image_token]},
                                      replace_extra_special_tokens=False)
     vocab = len(tokenizer)

@@ -51,6 +51,9 @@ class VisionEncoder(nn.Module, ABC):
 
     def set_contract(self, contract: EncoderContract) -> None:
         """Backends call this once built: every contract property below reads from it."""
+        if self.keep_cls and contract.num_prefix_tokens == 0:
+            raise ValueError("model.vision.keep_cls is true but this tower puts no CLS / prefix token before its "
+                             "patches (e.g. SigLIP): it would have no effect; set it false")
         self.contract = contract
 
     @property
