@@ -77,7 +77,8 @@ def _run_pipeline(pipeline) -> int:
 
 
 def format_summary(s) -> str:
-    lines = [f"run directory : {s.run_dir}", f"steps         : {s.steps}"
+    reached = f"{s.last_step} of {s.steps}" if s.last_step and s.last_step != s.steps else f"{s.steps}"
+    lines = [f"run directory : {s.run_dir}", f"steps         : {reached}"
              + (f" (resumed from {s.resumed_from})" if s.resumed_from else "")]
     ends = s.head_tail()
     if ends is not None:

@@ -132,6 +132,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if path is not None and path != given:  # the temporary YAML holding mixture overrides
             Path(path).unlink(missing_ok=True)
     validate(cfg)
+    cfg.resume = str(cfg.resume).lower()  # `--resume false` parses as 'False'; config.yaml keeps one spelling
     return cfg
 
 

@@ -36,6 +36,7 @@ MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "position
 class Summary:
     run_dir: str
     steps: int
+    last_step: int = 0  # the last step trained (steps, unless preempted)
     first_loss: float | None = None
     last_loss: float | None = None
     losses: list[float] = field(default_factory=list)
@@ -122,8 +123,9 @@ def train(cfg: Config) -> Summary:
         pad_token_id=model.llm.pad_token_id, micro_batch_size=cfg.train.micro_batch_size,
         rank=rank, world_size=world, seed=cfg.seed, start_batch=start_step * accum, sources=sources)
     batches = iter(loader)
-    log.info("data: %s, %d image tokens per image, %d rank(s) x %d x %d samples per step",
-             type(cfg.data.source).__name__, model.tokens_per_image, world, accum, cfg.train.micro_batch_size)
+    what = f"mixture of {', '.join(name for name, _, _ in sources)}" if cfg.data.mixture else sources[0][0]
+    log.info("data: %s, %d image tokens per image, %d rank(s) x %d x %d samples per step", what,
+             model.tokens_per_image, world, accum, cfg.train.micro_batch_size)
 
     from lvlm.config import dump_config
 
@@ -208,6 +210,7 @@ def train(cfg: Config) -> Summary:
             if summary.first_loss is None:
                 summary.first_loss = loss
             summary.last_loss = loss
+            summary.last_step = step + 1
             skipped = merge_skip_counts(list(per_worker.values()))
             record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": engine.grad_norm(),
                       "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt,

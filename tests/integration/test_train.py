@@ -428,6 +428,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tiny, tmp_path):
     assert "preemption signal (SIGTERM)" in out and "relaunch the same command" in out
     saved = sorted(p.name for p in (run / "checkpoints").glob("step_*") if (p / COMPLETE).is_file())
     assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 12
+    assert f"steps         : {int(saved[0][5:])} of 12" in out       # the summary says where it stopped
     resumed = run_train(tiny, run, extra)        # the same command, no --resume flag
     assert f"resumed from {saved[0]}" in resumed.stdout + resumed.stderr
     assert losses(run) == losses(ref)            # bit for bit, as the kill-and-resume test

@@ -126,6 +126,12 @@ def test_invalid_choice_in_yaml(tmp_path):
         load_config(bad)
 
 
+def test_resume_is_stored_in_one_spelling():
+    """`--resume false` parses as the string 'False'; the config (and config.yaml) keeps 'false'."""
+    assert load_config(None, ["--resume", "False"]).resume == "false"
+    assert load_config(None, ["--resume", "force"]).resume == "force"
+
+
 def test_missing_file_and_unknown_flag():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent.yaml")
