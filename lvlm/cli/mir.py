@@ -39,7 +39,11 @@ def main(argv: list[str]) -> int:
 
     cfg = toy.resolve_config(cfg)
     t0 = time.perf_counter()
-    result, json_path, png_path = run_mir(cfg, ckpt)
+    try:
+        result, json_path, png_path = run_mir(cfg, ckpt)
+    except ConfigError as e:  # the probe cannot be built from the mir.* sources
+        print(f"lvlm mir: {e}", file=sys.stderr)
+        return 2
     print(f"MIR = {result.mir:.4f} ({result.cross}, {len(result.per_layer)} layers, "
           f"{time.perf_counter() - t0:.1f} s)\nper-layer: {json_path}\nplot: {png_path}")
     return 0

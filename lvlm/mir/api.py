@@ -10,10 +10,17 @@ from lvlm.mir.report import write_report
 
 
 def probe_for(cfg: Config, model, image_transform):
-    return build_probe(cfg.mir, tokenizer=model.llm.tokenizer, image_transform=image_transform,
-                       image_size=model.vision.image_size, image_token_id=model.image_token_id,
-                       tokens_per_image=model.tokens_per_image, bos_token_id=model.llm.bos_token_id,
-                       eos_token_id=model.llm.eos_token_id, pad_token_id=model.llm.pad_token_id)
+    """The MIR probe of ``cfg.mir`` for ``model``; ConfigError when the mir.* sources cannot give it (too few
+    usable samples, missing files, undecodable images), for training and ``lvlm mir`` alike."""
+    try:
+        return build_probe(cfg.mir, tokenizer=model.llm.tokenizer, image_transform=image_transform,
+                           image_size=model.vision.image_size, image_token_id=model.image_token_id,
+                           tokens_per_image=model.tokens_per_image, bos_token_id=model.llm.bos_token_id,
+                           eos_token_id=model.llm.eos_token_id, pad_token_id=model.llm.pad_token_id)
+    except (ValueError, OSError) as e:
+        from lvlm.config import ConfigError
+
+        raise ConfigError(f"MIR probe (mir.*): {e}") from e
 
 
 def run_mir(cfg: Config, ckpt_dir: Path):

@@ -289,10 +289,7 @@ def _data_and_probe(cfg: Config, model, image_transform):
         return sources, None
     from lvlm.mir.api import probe_for
 
-    try:
-        probe = probe_for(cfg, model, image_transform)
-    except (ValueError, OSError) as e:  # too few usable probe samples, missing files, undecodable images
-        raise ConfigError(f"MIR probe (mir.*; mir.every 0 turns MIR off): {e}") from e
+    probe = probe_for(cfg, model, image_transform)  # ConfigError when mir.* cannot give it
     log.info("MIR probe: %d samples (hash %s), every %d steps%s", probe.num_samples, probe.digest[:12],
              cfg.mir.every, f"; passed over: {probe.skipped}" if probe.skipped else "")
     return sources, probe

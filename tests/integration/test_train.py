@@ -276,6 +276,11 @@ def test_mir_during_training_and_mir_command(tiny, tmp_path):
     assert len(report["per_layer"]) == 2 and len(report["probe_hash"]) == 64
     assert (run / "checkpoints" / "step_00000008" / "mir_layers.png").is_file()
     assert f"MIR = {report['mir']:.4f}" in proc.stdout
+    # a probe the mir.* sources cannot fill is a clean error (it was a traceback)
+    proc = subprocess.run([sys.executable, "-m", "lvlm", "mir", "--checkpoint", str(run), "--mir.num_samples",
+                           "100000"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "lvlm mir: MIR probe (mir.*): MIR probe needs 100000" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

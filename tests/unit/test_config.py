@@ -263,7 +263,7 @@ def test_stage_lr_for_trained_parts_loads():
     (["--model.vision.feature_layer", "-40"], "config error: feature_layer=-40 is out of range"),
     (["--data.max_length", "8"], "config error: data: data.max_length=8 leaves no room for one image"),
     ([], "config error: data: no shard file matches"),
-    (["--data.source.shards", "SHARDS", "--mir.every", "5"], "config error: MIR probe (mir.*; mir.every 0"),
+    (["--data.source.shards", "SHARDS", "--mir.every", "5"], "config error: MIR probe (mir.*): "),
 ], ids=["stage", "feature_layer", "max_length", "missing_shards", "missing_probe"])
 def test_what_only_the_built_model_can_judge_is_a_clean_config_error(tmp_path, extra, expected):
     """Values judged once the model is built (stage.vision_from_layer past the encoder's blocks, a feature
