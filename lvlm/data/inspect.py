@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from lvlm.config.schema import DataConfig, HFVisionConfig, ModelConfig, OpenCLIPVisionConfig
-from lvlm.data.build import TrainBatches, build_sources
+from lvlm.data.build import TrainBatches, build_sources, check_max_length
 from lvlm.data.packing import plan_packing
 from lvlm.data.skips import PARTITIONED_REASONS
 from lvlm.data.tokenize import SampleTokenizer
@@ -157,10 +157,7 @@ def inspect_data(
     """Read the first ``num_samples`` samples of ``cfg``'s global stream and measure them (see module docstring)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    needed = spec.tokens_per_image + (spec.bos_token_id is not None) + 1
-    if cfg.max_length < needed:
-        raise ValueError(f"data.max_length={cfg.max_length} leaves no room for one image "
-                         f"({spec.tokens_per_image} tokens) and one text token; need >= {needed}")
+    check_max_length(cfg, spec.tokens_per_image, spec.bos_token_id)
     sources = build_sources(cfg, resolve_path)
     tokenizer = SampleTokenizer(spec.tokenizer, image_token_id=spec.image_token_id,
                                 tokens_per_image=spec.tokens_per_image, max_length=cfg.max_length,

@@ -14,6 +14,7 @@ block k, -1 = last block, before the final norm/pool); the tower is open_clip's
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import warnings
@@ -197,13 +198,19 @@ def _resolve_pretrained(arch: _Arch, pretrained: str) -> tuple[str | None, dict]
     return path, tags[pretrained]
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_configs() -> dict[str, dict]:
+    """Every built-in open_clip arch's model config (read once: ``get_model_config`` deep-copies each)."""
+    return {name: open_clip.get_model_config(name) or {} for name in open_clip.list_models()}
+
+
 def _family_cfgs(arch: _Arch) -> list[dict]:
     """The pretrained-tag configs that speak for ``arch``'s preprocessing: its own tags; for a model-config
     file, those of the built-in archs with the very same model config, else, for a SigLIP config (the only
     ones carrying ``init_logit_bias``, the sigmoid loss's bias), those of every built-in SigLIP arch."""
     if arch.name is not None:
         return list(_tag_cfgs(arch.name).values())
-    configs = {name: open_clip.get_model_config(name) or {} for name in open_clip.list_models()}
+    configs = _builtin_configs()
     same = [name for name, cfg in configs.items() if cfg == arch.model_cfg]
     if not same and "init_logit_bias" in arch.model_cfg:
         same = [name for name, cfg in configs.items() if "init_logit_bias" in cfg]
