@@ -1,11 +1,11 @@
 """Per-layer MIR maths: text-centric normalisation, outlier replacement and the Frechet distance.
 
 Owns the numerical core of the Modality Integration Rate (PAPERS.md section 1, "The computation"):
-steps 2-5 for ONE layer. Everything runs in float64 on the device the input lives on, with torch; on
-CPU the rows >= d route (two d x d Gram matrices, a Cholesky factor, one d x d eigensolve) goes through
-numpy's LAPACK/BLAS instead, whose syrk and symmetric eigensolver beat torch's CPU ones ~2x here (for
-rows < d torch is as fast and steadier). numpy arrays are accepted. No scipy, no general
-(non-symmetric) matrix square root.
+steps 2-5 for ONE layer. Everything runs in float64: on a CUDA device with torch, on CPU with numpy
+(its OpenBLAS syrk and symmetric eigensolver beat torch's CPU ones ~2x on AMD hosts, and keeping the
+whole layer in one library keeps torch's and OpenBLAS's thread pools from fighting over the cores,
+which measured 1.3-3x slower when a layer mixed the two). torch tensors and numpy arrays are accepted.
+No scipy, no general (non-symmetric) matrix square root.
 
 Assumes rows are already pooled over the probe set: vision [r, d] are the image-token hidden
 states, text [s, d] the positions after the image span, both from the same hidden_states index.
@@ -27,6 +27,7 @@ Covariances are syrk-style Gram matrices (upper triangle only: numpy's x.T @ x, 
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import numpy as np
@@ -47,13 +48,13 @@ def check_cross(cross: str) -> str:
 
 def as_float64(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
     """A float64 [rows, dim] tensor (on `device` when given); ValueError on bad shape or values."""
-    return _checked(x, name, device)[0]
+    t, fresh = _float64_tensor(x, name, device)
+    _row_norms_checked(t, name)
+    return t
 
 
-def _checked(x: ArrayLike, name: str, device: torch.device | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """as_float64 plus the row norms [rows] it computes anyway and whether the tensor is a fresh copy
-    (True: the caller may modify it in place; False: it may share memory with the caller's input)."""
+def _float64_tensor(x: ArrayLike, name: str, device: torch.device | None) -> tuple[torch.Tensor, bool]:
+    """(float64 tensor on `device` or x's own, whether it is a fresh copy); shape and dtype checked."""
     if isinstance(x, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, torch.Tensor):
@@ -70,34 +71,53 @@ def _checked(x: ArrayLike, name: str, device: torch.device | None = None
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8)):
         raise ValueError(f"{name} has unsupported dtype {t.dtype}; pass real floating-point hidden states")
     converted = t.to(device=device if device is not None else t.device, dtype=torch.float64)
-    fresh = converted.data_ptr() != t.data_ptr()
-    # a row norm is finite iff the row is (barring overflow past 1e154): [rows] instead of [rows, dim]
-    norms = torch.linalg.vector_norm(converted, dim=1)
-    if not bool(torch.isfinite(norms).all()):
+    return converted, converted.data_ptr() != t.data_ptr()
+
+
+def _row_norms_checked(x, name: str):
+    """[rows] row norms of x (tensor or array); ValueError when a row holds NaN or Inf.
+
+    A row norm is finite iff the row is (barring overflow past 1e154): [rows] instead of [rows, dim].
+    """
+    ops = _ops(x)
+    norms = ops.row_norms(x)
+    if not ops.all_finite(norms):
         raise ValueError(f"{name} contains NaN or Inf values")
-    return converted, norms, fresh
+    return norms
 
 
-def _check_pair(vision: torch.Tensor, text: torch.Tensor) -> None:
+def _checked(x: ArrayLike, name: str, device: torch.device | None = None) -> tuple:
+    """(rows, row norms [rows], fresh): float64 rows as a numpy array when they end up on CPU, else a
+    torch tensor on `device` (or x's own); fresh: True when rows is a copy the caller may modify in place,
+    False when it may share memory with the caller's input."""
+    t, fresh = _float64_tensor(x, name, device)
+    rows = t
+    if t.device.type == "cpu":
+        view = t.numpy()                                                # shares t's memory
+        rows = np.ascontiguousarray(view)
+        fresh = fresh or rows is not view
+    return rows, _row_norms_checked(rows, name), fresh
+
+
+def _device(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _check_pair(vision, text) -> None:
     if vision.shape[1] != text.shape[1]:
         raise ValueError(f"hidden dim mismatch: vision rows have dim {vision.shape[1]}, "
                          f"text rows have dim {text.shape[1]}; both must come from the same layer")
 
 
-def _lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Element (n-1)//2 of the sorted values along `dim` (torch.median's convention)."""
-    return torch.median(x, dim=dim).values  # documented: the lower of the two middle values
-
-
-def _outlier_rows(norms: torch.Tensor) -> torch.Tensor | None:
+def _outlier_rows(norms):
     """[n] bool: rows whose norm is > 3 sd (strictly) from the lower-median norm; None when there are none.
 
-    Scale-free: scaling every row by a > 0 scales the norms, their median and their sd alike, so the
-    rows found are the same before and after the text-centric scaling.
+    norms: [n] tensor or array. Scale-free: scaling every row by a > 0 scales the norms, their median and
+    their sd alike, so the rows found are the same before and after the text-centric scaling.
     """
-    centre = _lower_median(norms, 0)                                    # []
-    sd = torch.std(norms, correction=1)                                 # []
-    outlier = (norms - centre).abs() > OUTLIER_SIGMAS * sd              # [n] bool
+    ops = _ops(norms)
+    centre = ops.lower_median(norms)                                    # [] element (n-1)//2 of the sorted
+    outlier = abs(norms - centre) > OUTLIER_SIGMAS * ops.std1(norms)    # [n] bool; sd with 1/(n-1)
     return outlier if bool(outlier.any()) else None
 
 
@@ -109,7 +129,7 @@ def replace_outliers(rows: torch.Tensor) -> torch.Tensor:
     outlier = _outlier_rows(torch.linalg.vector_norm(rows, dim=1))
     if outlier is None:
         return rows
-    col_median = _lower_median(rows, 0)                                 # [d], before replacement
+    col_median = _TorchOps.column_lower_median(rows)                    # [d], before replacement
     return torch.where(outlier[:, None], col_median[None, :], rows)     # [n, d]
 
 
@@ -125,24 +145,25 @@ def preprocess(vision: ArrayLike, text: ArrayLike) -> tuple[torch.Tensor, torch.
     return replace_outliers(v * a), replace_outliers(t * a)
 
 
-def _mean_norm(text_norms: torch.Tensor) -> float:
+def _mean_norm(text_norms) -> float:
     mean_norm = float(text_norms.mean())
     if not mean_norm > 0.0:
         raise ValueError("text rows are all zero: the mean text-row norm (the normaliser) is 0")
     return mean_norm
 
 
-def _replaced_centred(rows: torch.Tensor, norms: torch.Tensor, fresh: bool, replace: bool = True
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _replaced_centred(rows, norms, fresh: bool, replace: bool = True) -> tuple:
     """rows [n, d] -> (mean [d], rows - mean [n, d]) after outlier replacement, in one owned copy.
 
-    The centred rows are NOT divided by sqrt(n-1): callers scale the small products instead.
+    rows and norms: torch tensors or numpy arrays (the result has the same kind). The centred rows are
+    NOT divided by sqrt(n-1): callers scale the small products instead.
     """
+    ops = _ops(rows)
     outlier = _outlier_rows(norms) if replace else None
-    out = rows if fresh else rows.clone()
+    out = rows if fresh else rows.copy() if isinstance(rows, np.ndarray) else rows.clone()
     if outlier is not None:
-        out[outlier] = _lower_median(rows, 0)                           # [d] column medians, pre-replacement
-    mu = out.mean(dim=0)
+        out[outlier] = ops.column_lower_median(rows)                    # [d] column medians, pre-replacement
+    mu = out.mean(0)
     out -= mu
     return mu, out
 
@@ -152,6 +173,7 @@ def _sym(a):
 
 
 GRAM_BLOCKS = 4
+MEDIAN_BLOCK = 64                                                       # columns per selection block (CPU)
 EPS = float(np.finfo(np.float64).eps)
 # The Gram shortcut for the nuclear norm is kept only while its error bound is below this fraction of
 # the layer's FD (otherwise the SVD of the cross matrix is used): 10x inside the issue's 1e-6 on MIR.
@@ -173,7 +195,31 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 class _TorchOps:
-    """The few dense linear-algebra calls the cross term needs, on torch (any device, e.g. CUDA)."""
+    """The few array calls one layer needs, on torch (any device; used for CUDA)."""
+
+    @staticmethod
+    def row_norms(x):                                                   # [n, d] -> [n]
+        return torch.linalg.vector_norm(x, dim=1)
+
+    @staticmethod
+    def all_finite(x) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    @staticmethod
+    def lower_median(x):                                                # [n] -> [] (documented: the lower
+        return torch.median(x)                                          # of the two middle values)
+
+    @staticmethod
+    def column_lower_median(x):                                         # [n, d] -> [d]
+        return torch.median(x, dim=0).values
+
+    @staticmethod
+    def std1(x):                                                        # [n] -> [], 1/(n-1)
+        return torch.std(x, correction=1)
+
+    @staticmethod
+    def sq_norm(x) -> float:                                            # sum of squares, no [n, d] temporary
+        return float(torch.linalg.vector_norm(x) ** 2)
 
     @staticmethod
     def gram(x):                                                        # x [n, d] -> x^T x [d, d]
@@ -197,6 +243,51 @@ class _TorchOps:
 class _NumpyOps:
     """The same calls on CPU through numpy's LAPACK/BLAS (OpenBLAS): its symmetric eigensolver and
     its syrk-based x.T @ x measured ~1.5x and ~2x faster than torch's CPU ones on the 2-core host."""
+
+    @staticmethod
+    def row_norms(x):
+        return np.sqrt(np.einsum("ij,ij->i", x, x))
+
+    @staticmethod
+    def all_finite(x) -> bool:
+        return bool(np.isfinite(x).all())
+
+    @staticmethod
+    def lower_median(x):
+        k = (x.shape[0] - 1) // 2
+        return np.partition(x, k)[k]
+
+    @staticmethod
+    def column_lower_median(x):
+        """Element (n-1)//2 of each sorted column of x [n, d] -> [d], by selection (no full sort) on
+        column blocks copied to rows, so each selection runs on contiguous memory. numpy's partition
+        releases the GIL, so the blocks run on torch.get_num_threads() threads (~1.8x on 2 cores)."""
+        n, d = x.shape
+        k = (n - 1) // 2
+        out = np.empty(d, dtype=x.dtype)
+
+        def select(j: int) -> None:
+            block = np.ascontiguousarray(x[:, j:j + MEDIAN_BLOCK].T)     # [b, n]
+            block.partition(k, axis=1)
+            out[j:j + MEDIAN_BLOCK] = block[:, k]
+
+        starts = range(0, d, MEDIAN_BLOCK)
+        threads = min(torch.get_num_threads(), len(starts))
+        if threads <= 1:
+            for j in starts:
+                select(j)
+        else:
+            with ThreadPoolExecutor(threads) as pool:                   # joined here: nothing outlives
+                list(pool.map(select, starts))                          # the call (fork-safe)
+        return out
+
+    @staticmethod
+    def std1(x):
+        return x.std(ddof=1)
+
+    @staticmethod
+    def sq_norm(x) -> float:
+        return float(np.vdot(x, x))
 
     @staticmethod
     def gram(x):
@@ -317,28 +408,24 @@ def frechet_distance(vision: ArrayLike, text: ArrayLike, cross: str = "exact") -
     """
     check_cross(cross)
     v, nv, fresh_v = _checked(vision, "vision")
-    t, nt, fresh_t = _checked(text, "text", device=v.device)
+    t, nt, fresh_t = _checked(text, "text", device=_device(v))
     _check_pair(v, t)
     return _frechet(_replaced_centred(v, nv, fresh_v, replace=False),
                     _replaced_centred(t, nt, fresh_t, replace=False), cross)
 
 
-def _frechet(vision: tuple[torch.Tensor, torch.Tensor], text: tuple[torch.Tensor, torch.Tensor],
-             cross: str, scale: float = 1.0) -> float:
-    """FD from (mean [d], centred rows [n, d]) per modality, float64 on one device (the rows >= d route
-    on CPU in numpy).
+def _frechet(vision: tuple, text: tuple, cross: str, scale: float = 1.0) -> float:
+    """FD from (mean [d], centred rows [n, d]) per modality, float64: torch tensors on one device, or
+    numpy arrays (CPU).
 
     scale a: the FD of the rows multiplied by a, without forming them. Means, traces and the exact
     cross term scale by a^2; paper-fast's Tr(Sv St) by a^4 (it is not a distance, hence not homogeneous).
     """
     (mu_v, xc), (mu_t, yc) = vision, text
+    ops = _ops(xc)
     diff = mu_v - mu_t
-    sq_v = torch.linalg.vector_norm(xc) ** 2 / (xc.shape[0] - 1)        # Tr Sv, no [n, d] temporary
-    sq_t = torch.linalg.vector_norm(yc) ** 2 / (yc.shape[0] - 1)
-    rest = float(diff @ diff + sq_v + sq_t)
-    if xc.device.type == "cpu" and min(xc.shape[0], yc.shape[0]) >= xc.shape[1]:
-        xc, yc = xc.numpy(), yc.numpy()  # the d x d route: numpy's syrk and eigensolver win on CPU
-    c = cross_term(xc, yc, cross, fd_rest=rest)
+    rest = float(diff @ diff) + ops.sq_norm(xc) / (xc.shape[0] - 1) + ops.sq_norm(yc) / (yc.shape[0] - 1)
+    c = cross_term(xc, yc, cross, fd_rest=rest)                         # rest: ||mu diff||^2 + Tr Sv + Tr St
     a2 = scale * scale
     return a2 * rest - 2.0 * c * (a2 if cross == "exact" else a2 * a2)
 
@@ -351,7 +438,7 @@ def layer_distance(vision: ArrayLike, text: ArrayLike, cross: str = "exact") -> 
     """
     check_cross(cross)
     v, nv, fresh_v = _checked(vision, "vision")
-    t, nt, fresh_t = _checked(text, "text", device=v.device)
+    t, nt, fresh_t = _checked(text, "text", device=_device(v))
     _check_pair(v, t)
     a = 1.0 / _mean_norm(nt)
     return _frechet(_replaced_centred(v, nv, fresh_v), _replaced_centred(t, nt, fresh_t), cross, scale=a)

@@ -264,26 +264,40 @@ def test_blockwise_gram_and_both_root_factors() -> None:
     assert f.shape[1] < 40 and torch.allclose(f @ f.T, singular, atol=1e-10)  # fell back to eigh
 
 
+def _torch_route_fd(v: np.ndarray, t: np.ndarray) -> float:
+    """layer_distance through the torch ops (the CUDA route), run on CPU tensors; CPU inputs normally
+    take the numpy ops."""
+    from lvlm.mir import distance
+
+    vt, tt = torch.from_numpy(v.copy()), torch.from_numpy(t.copy())
+    nv, nt = torch.linalg.vector_norm(vt, dim=1), torch.linalg.vector_norm(tt, dim=1)
+    return distance._frechet(distance._replaced_centred(vt, nv, True), distance._replaced_centred(tt, nt, True),
+                             "exact", scale=1.0 / float(nt.mean()))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("rank_v", [None, 40, 12, 3])
-def test_gram_shortcut_is_within_its_tolerance_of_the_svd(monkeypatch: pytest.MonkeyPatch, rank_v) -> None:
+def test_gram_shortcut_is_within_its_tolerance_of_the_svd(monkeypatch: pytest.MonkeyPatch, rank_v, backend) -> None:
     """rows < d: the M M^T eigenvalue shortcut is used only when its error bound allows; either way the
     FD equals the SVD-only FD to GRAM_ROUTE_REL_TOL (full rank: shortcut taken; rank 3: SVD taken)."""
     from lvlm.mir import distance
 
     svd_shapes: list[tuple[int, ...]] = []
-    real = distance._TorchOps.svdvals
+    ops = distance._NumpyOps if backend == "numpy" else distance._TorchOps
+    real = ops.svdvals
+    fd_of = layer_distance if backend == "numpy" else _torch_route_fd
 
     def counting(m):  # noqa: ANN001
         svd_shapes.append(tuple(m.shape))
         return real(m)
 
-    monkeypatch.setattr(distance._TorchOps, "svdvals", staticmethod(counting))
+    monkeypatch.setattr(ops, "svdvals", staticmethod(counting))
     vs, ts = _layers(29, 1, r=60, s=90, d=128, rank_v=rank_v)
-    fd = layer_distance(vs[0], ts[0])
+    fd = fd_of(vs[0], ts[0])
     took_svd = bool(svd_shapes)
     monkeypatch.setattr(distance, "GRAM_ROUTE_REL_TOL", 0.0)            # forces the SVD
     svd_shapes.clear()
-    fd_svd = layer_distance(vs[0], ts[0])
+    fd_svd = fd_of(vs[0], ts[0])
     assert svd_shapes == [(60, 90)]
     assert abs(fd - fd_svd) <= 1e-7 * abs(fd_svd)
     if rank_v is None:
@@ -295,7 +309,7 @@ def test_gram_shortcut_is_within_its_tolerance_of_the_svd(monkeypatch: pytest.Mo
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("cross", ["exact", "paper-fast"])
 def test_numpy_and_torch_backends_agree(name: str, cross: str) -> None:
-    """The numpy route (CPU, rows >= d) and the torch route (CUDA, and CPU with rows < d) agree."""
+    """The cross term through numpy (CPU) and through torch (CUDA's route, run on CPU) agree."""
     from lvlm.mir import distance
 
     vs, ts = _layers(37, 1, **CASES[name])
@@ -310,6 +324,30 @@ def test_numpy_and_torch_backends_agree(name: str, cross: str) -> None:
         sv, st = np.cov(v.numpy(), rowvar=False), np.cov(t.numpy(), rowvar=False)
         ref = float(np.real(np.trace(scipy.linalg.sqrtm(sv @ st))))
         assert via_numpy == pytest.approx(ref, rel=1e-7)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_whole_layer_numpy_and_torch_routes_agree(name: str) -> None:
+    """CPU layers run in numpy end to end (norms, outlier rule, column medians, centring, cross term);
+    CUDA layers in torch. The two give the same FD, outlier rows included."""
+    vs, ts = _layers(43, 1, **CASES[name])
+    v, t = vs[0].copy(), ts[0].copy()
+    v[1] *= 400.0                                                       # outliers in both modalities
+    t[[2, 7]] *= 300.0
+    assert layer_distance(v, t) == pytest.approx(_torch_route_fd(v, t), rel=1e-10)
+    assert layer_distance(v, t) == pytest.approx(_ref_fd(v, t), rel=1e-6)
+
+
+@pytest.mark.parametrize("n,d", [(7, 5), (8, 130), (301, 64), (64, 1)])
+def test_numpy_column_lower_median_matches_torch(n: int, d: int) -> None:
+    """The block-wise (threaded) numpy selection = torch.median's lower median, ties and even n included."""
+    from lvlm.mir import distance
+
+    x = np.round(np.random.default_rng(n + d).normal(size=(n, d)), 1)   # rounding makes ties
+    got = distance._NumpyOps.column_lower_median(x)
+    np.testing.assert_array_equal(got, torch.median(torch.from_numpy(x), dim=0).values.numpy())
+    np.testing.assert_array_equal(got, _ref_lower_median(x))
+    assert distance._NumpyOps.lower_median(x[:, 0]) == _ref_lower_median(x[:, :1])[0]
 
 
 def test_inputs_are_never_modified() -> None:
