@@ -2,10 +2,8 @@
 
 Owns the numerical core of the Modality Integration Rate (PAPERS.md section 1, "The computation"):
 steps 2-5 for ONE layer. Everything runs in float64: on a CUDA device with torch, on CPU with numpy
-(its OpenBLAS syrk and symmetric eigensolver beat torch's CPU ones ~2x on AMD hosts, and keeping the
-whole layer in one library keeps torch's and OpenBLAS's thread pools from fighting over the cores,
-which measured 1.3-3x slower when a layer mixed the two). torch tensors and numpy arrays are accepted.
-No scipy, no general (non-symmetric) matrix square root.
+end to end (the two backends: lvlm.mir.ops, which also says why). torch tensors and numpy arrays are
+accepted. No scipy, no general (non-symmetric) matrix square root.
 
 Assumes rows are already pooled over the probe set: vision [r, d] are the image-token hidden
 states, text [s, d] the positions after the image span, both from the same hidden_states index.
@@ -22,16 +20,17 @@ Cross term Tr((Sv St)^{1/2}) with Xc = (V - mu_v)/sqrt(r-1), Yc = (T - mu_t)/sqr
                    similar to Sv St; when Sv is numerically singular (Cholesky fails) the factor
                    comes from one eigendecomposition of Sv instead, its null space dropped.
 Covariances are syrk-style Gram matrices (upper triangle only: numpy's x.T @ x, or the block-wise
-`gram` on CUDA).
+`ops.gram` on CUDA).
 "paper-fast" reproduces the reference code's default mode, which actually uses Tr(Sv St).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import numpy as np
 import torch
+
+from lvlm.mir.ops import TorchOps, array_ops
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 CROSS_MODES: tuple[str, ...] = ("exact", "paper-fast")
@@ -79,7 +78,7 @@ def _row_norms_checked(x, name: str):
 
     A row norm is finite iff the row is (barring overflow past 1e154): [rows] instead of [rows, dim].
     """
-    ops = _ops(x)
+    ops = array_ops(x)
     norms = ops.row_norms(x)
     if not ops.all_finite(norms):
         raise ValueError(f"{name} contains NaN or Inf values")
@@ -115,7 +114,7 @@ def _outlier_rows(norms):
     norms: [n] tensor or array. Scale-free: scaling every row by a > 0 scales the norms, their median and
     their sd alike, so the rows found are the same before and after the text-centric scaling.
     """
-    ops = _ops(norms)
+    ops = array_ops(norms)
     centre = ops.lower_median(norms)                                    # [] element (n-1)//2 of the sorted
     outlier = abs(norms - centre) > OUTLIER_SIGMAS * ops.std1(norms)    # [n] bool; sd with 1/(n-1)
     return outlier if bool(outlier.any()) else None
@@ -129,7 +128,7 @@ def replace_outliers(rows: torch.Tensor) -> torch.Tensor:
     outlier = _outlier_rows(torch.linalg.vector_norm(rows, dim=1))
     if outlier is None:
         return rows
-    col_median = _TorchOps.column_lower_median(rows)                    # [d], before replacement
+    col_median = TorchOps.column_lower_median(rows)                     # [d], before replacement
     return torch.where(outlier[:, None], col_median[None, :], rows)     # [n, d]
 
 
@@ -158,7 +157,7 @@ def _replaced_centred(rows, norms, fresh: bool, replace: bool = True) -> tuple:
     rows and norms: torch tensors or numpy arrays (the result has the same kind). The centred rows are
     NOT divided by sqrt(n-1): callers scale the small products instead.
     """
-    ops = _ops(rows)
+    ops = array_ops(rows)
     outlier = _outlier_rows(norms) if replace else None
     out = rows if fresh else rows.copy() if isinstance(rows, np.ndarray) else rows.clone()
     if outlier is not None:
@@ -172,155 +171,15 @@ def _sym(a):
     return 0.5 * (a + a.T)
 
 
-GRAM_BLOCKS = 4
-MEDIAN_BLOCK = 64                                                       # columns per selection block (CPU)
 EPS = float(np.finfo(np.float64).eps)
 # The Gram shortcut for the nuclear norm is kept only while its error bound is below this fraction of
 # the layer's FD (otherwise the SVD of the cross matrix is used): 10x inside the issue's 1e-6 on MIR.
 GRAM_ROUTE_REL_TOL = 1e-7
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x for x [n, d] -> [d, d], computing only the upper block triangle and mirroring it."""
-    d = x.shape[1]
-    if d < 256:
-        return x.T @ x
-    step = -(-d // GRAM_BLOCKS)
-    g = x.new_empty(d, d)
-    for i in range(0, d, step):
-        block = x[:, i:i + step].T @ x[:, i:]                           # [step, d - i]
-        g[i:i + step, i:] = block
-        g[i + step:, i:i + step] = block[:, step:].T
-    return g
-
-
-class _TorchOps:
-    """The few array calls one layer needs, on torch (any device; used for CUDA)."""
-
-    @staticmethod
-    def row_norms(x):                                                   # [n, d] -> [n]
-        return torch.linalg.vector_norm(x, dim=1)
-
-    @staticmethod
-    def all_finite(x) -> bool:
-        return bool(torch.isfinite(x).all())
-
-    @staticmethod
-    def lower_median(x):                                                # [n] -> [] (documented: the lower
-        return torch.median(x)                                          # of the two middle values)
-
-    @staticmethod
-    def column_lower_median(x):                                         # [n, d] -> [d]
-        return torch.median(x, dim=0).values
-
-    @staticmethod
-    def std1(x):                                                        # [n] -> [], 1/(n-1)
-        return torch.std(x, correction=1)
-
-    @staticmethod
-    def sq_norm(x) -> float:                                            # sum of squares, no [n, d] temporary
-        return float(torch.linalg.vector_norm(x) ** 2)
-
-    @staticmethod
-    def gram(x):                                                        # x [n, d] -> x^T x [d, d]
-        return gram(x)
-
-    @staticmethod
-    def cholesky(s):                                                    # lower factor, or None if not PD
-        low, info = torch.linalg.cholesky_ex(s)
-        return low if int(info) == 0 and bool(torch.diagonal(low).gt(0).all()) else None
-
-    eigh = staticmethod(torch.linalg.eigh)
-    eigvalsh = staticmethod(torch.linalg.eigvalsh)
-    svdvals = staticmethod(torch.linalg.svdvals)
-    sqrt = staticmethod(torch.sqrt)
-
-    @staticmethod
-    def clamp0(x):
-        return x.clamp_min(0.0)
-
-
-class _NumpyOps:
-    """The same calls on CPU through numpy's LAPACK/BLAS (OpenBLAS): its symmetric eigensolver and
-    its syrk-based x.T @ x measured ~1.5x and ~2x faster than torch's CPU ones on the 2-core host."""
-
-    @staticmethod
-    def row_norms(x):
-        return np.sqrt(np.einsum("ij,ij->i", x, x))
-
-    @staticmethod
-    def all_finite(x) -> bool:
-        return bool(np.isfinite(x).all())
-
-    @staticmethod
-    def lower_median(x):
-        k = (x.shape[0] - 1) // 2
-        return np.partition(x, k)[k]
-
-    @staticmethod
-    def column_lower_median(x):
-        """Element (n-1)//2 of each sorted column of x [n, d] -> [d], by selection (no full sort) on
-        column blocks copied to rows, so each selection runs on contiguous memory. numpy's partition
-        releases the GIL, so the blocks run on torch.get_num_threads() threads (~1.8x on 2 cores)."""
-        n, d = x.shape
-        k = (n - 1) // 2
-        out = np.empty(d, dtype=x.dtype)
-
-        def select(j: int) -> None:
-            block = np.ascontiguousarray(x[:, j:j + MEDIAN_BLOCK].T)     # [b, n]
-            block.partition(k, axis=1)
-            out[j:j + MEDIAN_BLOCK] = block[:, k]
-
-        starts = range(0, d, MEDIAN_BLOCK)
-        threads = min(torch.get_num_threads(), len(starts))
-        if threads <= 1:
-            for j in starts:
-                select(j)
-        else:
-            with ThreadPoolExecutor(threads) as pool:                   # joined here: nothing outlives
-                list(pool.map(select, starts))                          # the call (fork-safe)
-        return out
-
-    @staticmethod
-    def std1(x):
-        return x.std(ddof=1)
-
-    @staticmethod
-    def sq_norm(x) -> float:
-        return float(np.vdot(x, x))
-
-    @staticmethod
-    def gram(x):
-        return x.T @ x                                                  # numpy dispatches this to syrk
-
-    @staticmethod
-    def cholesky(s):
-        try:
-            low = np.linalg.cholesky(s)
-        except np.linalg.LinAlgError:
-            return None
-        return low if bool((np.diagonal(low) > 0).all()) else None
-
-    eigh = staticmethod(np.linalg.eigh)
-    eigvalsh = staticmethod(np.linalg.eigvalsh)
-    sqrt = staticmethod(np.sqrt)
-
-    @staticmethod
-    def svdvals(m):
-        return np.linalg.svd(m, compute_uv=False)
-
-    @staticmethod
-    def clamp0(x):
-        return np.maximum(x, 0.0)
-
-
-def _ops(x) -> type:
-    return _NumpyOps if isinstance(x, np.ndarray) else _TorchOps
-
-
 def _root_factor(s):
     """F [d, k] with F F^T = S for symmetric PSD S [d, d]: Cholesky, or eigh when S is singular."""
-    low = _ops(s).cholesky(s)
+    low = array_ops(s).cholesky(s)
     return low if low is not None else _psd_root_factor(s)
 
 
@@ -330,7 +189,7 @@ def _psd_root_factor(s):
     Eigenvalues below d * eps * max(w) are numerically zero (rank-deficient S) and dropped, so
     they cannot leak sqrt(eps)-sized noise into the cross term.
     """
-    ops = _ops(s)
+    ops = array_ops(s)
     w, u = ops.eigh(_sym(s))                                            # [d], [d, d] ascending
     tol = abs(w).max() * s.shape[0] * EPS
     keep = w > tol                                                      # [d] bool
@@ -349,7 +208,7 @@ def _nuclear_norm(m, fd_rest: float) -> float:
     the summed bound exceeds GRAM_ROUTE_REL_TOL of this layer's FD (fd_rest - 2 * cross), e.g. for
     rank-deficient or nearly identical inputs, the SVD of m gives the answer instead.
     """
-    ops = _ops(m)
+    ops = array_ops(m)
     a, b = min(m.shape), max(m.shape)
     g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m               # [a, a]
     lam = ops.eigvalsh(g)                                               # ascending
@@ -375,7 +234,7 @@ def cross_term(xc, yc, cross: str = "exact", fd_rest: float | None = None) -> fl
     rows < d Gram shortcut must reach (None: always take the SVD there).
     """
     check_cross(cross)
-    ops = _ops(xc)
+    ops = array_ops(xc)
     r, d = xc.shape
     s = yc.shape[0]
     if min(r, s) < d:
@@ -422,7 +281,7 @@ def _frechet(vision: tuple, text: tuple, cross: str, scale: float = 1.0) -> floa
     cross term scale by a^2; paper-fast's Tr(Sv St) by a^4 (it is not a distance, hence not homogeneous).
     """
     (mu_v, xc), (mu_t, yc) = vision, text
-    ops = _ops(xc)
+    ops = array_ops(xc)
     diff = mu_v - mu_t
     rest = float(diff @ diff) + ops.sq_norm(xc) / (xc.shape[0] - 1) + ops.sq_norm(yc) / (yc.shape[0] - 1)
     c = cross_term(xc, yc, cross, fd_rest=rest)                         # rest: ||mu diff||^2 + Tr Sv + Tr St

@@ -14,7 +14,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from lvlm.mir import LayerwiseMIR, MIRResult, compute_mir, frechet_distance, preprocess
+from lvlm.mir import LayerwiseMIR, MIRResult, compute_mir, frechet_distance, ops, preprocess
 from lvlm.mir.distance import layer_distance
 
 
@@ -247,7 +247,7 @@ def test_blockwise_gram_and_both_root_factors() -> None:
     from lvlm.mir import distance
 
     x = torch.from_numpy(np.random.default_rng(3).normal(size=(40, 301)))   # d not divisible by the blocks
-    assert torch.allclose(distance.gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ops.gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
     vs, ts = _layers(23, 1, r=120, s=90, d=40)
     v, t = preprocess(vs[0], ts[0])
     xc = (v - v.mean(0)) / (v.shape[0] - 1) ** 0.5
@@ -283,15 +283,15 @@ def test_gram_shortcut_is_within_its_tolerance_of_the_svd(monkeypatch: pytest.Mo
     from lvlm.mir import distance
 
     svd_shapes: list[tuple[int, ...]] = []
-    ops = distance._NumpyOps if backend == "numpy" else distance._TorchOps
-    real = ops.svdvals
+    backend_ops = ops.NumpyOps if backend == "numpy" else ops.TorchOps
+    real = backend_ops.svdvals
     fd_of = layer_distance if backend == "numpy" else _torch_route_fd
 
     def counting(m):  # noqa: ANN001
         svd_shapes.append(tuple(m.shape))
         return real(m)
 
-    monkeypatch.setattr(ops, "svdvals", staticmethod(counting))
+    monkeypatch.setattr(backend_ops, "svdvals", staticmethod(counting))
     vs, ts = _layers(29, 1, r=60, s=90, d=128, rank_v=rank_v)
     fd = fd_of(vs[0], ts[0])
     took_svd = bool(svd_shapes)
@@ -341,13 +341,11 @@ def test_whole_layer_numpy_and_torch_routes_agree(name: str) -> None:
 @pytest.mark.parametrize("n,d", [(7, 5), (8, 130), (301, 64), (64, 1)])
 def test_numpy_column_lower_median_matches_torch(n: int, d: int) -> None:
     """The block-wise (threaded) numpy selection = torch.median's lower median, ties and even n included."""
-    from lvlm.mir import distance
-
     x = np.round(np.random.default_rng(n + d).normal(size=(n, d)), 1)   # rounding makes ties
-    got = distance._NumpyOps.column_lower_median(x)
+    got = ops.NumpyOps.column_lower_median(x)
     np.testing.assert_array_equal(got, torch.median(torch.from_numpy(x), dim=0).values.numpy())
     np.testing.assert_array_equal(got, _ref_lower_median(x))
-    assert distance._NumpyOps.lower_median(x[:, 0]) == _ref_lower_median(x[:, :1])[0]
+    assert ops.NumpyOps.lower_median(x[:, 0]) == _ref_lower_median(x[:, :1])[0]
 
 
 def test_inputs_are_never_modified() -> None:
