@@ -148,6 +148,19 @@ def test_packed_batches_are_full_rows_of_the_same_stream(tok, mixed):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
+def test_packed_ranks_each_keep_the_mixture_ratio(tok, mixed):
+    """pack on 2 ranks: each source's samples are dealt to the ranks in turn, so both ranks pack the 1:1 mix
+    (dealing the mixed stream by position gave each rank one source, and the global ratio drifted as the
+    ranks packed different lengths at different speeds); together they hold no sample twice."""
+    half = {"captions": (mixed["captions"][0], 1.0), "text": (mixed["text"][0], 1.0)}
+    per_rank = [tagged(islice(iter(loader(tok, half, rank=r, world=2, batch=1, pack=True)), 3)) for r in range(2)]
+    for taken in per_rank:
+        kinds = Counter(s for s, _ in taken)
+        assert set(kinds) == {"captions", "text"} and abs(kinds["captions"] - kinds["text"]) <= 2, kinds
+    both = per_rank[0] + per_rank[1]
+    assert len(both) == len(set(both))                                  # within one epoch of each source
+
+
 def test_a_packed_batch_keeps_the_fillers_rows(tok, tmp_path):
     """Samples of 10, 6, 4, 8, 8, 4 tokens fill 2 rows of 20 first-fit in stream order (10+6+4, 8+8+4); laid
     out longest-first the same six need 3 rows (10+8, 8+6+4, 4), more than micro_batch_size: the batch must
