@@ -86,6 +86,32 @@ def lr_lambda(cfg: Config):
     return f
 
 
+# optimizer hyperparameters the config sets per param group: a checkpoint's values never override them
+CONFIG_HPARAMS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def reapply_config_hparams(optimizer: torch.optim.Optimizer, scheduler, fresh: list[dict]) -> None:
+    """After loading a checkpoint, put this config's hyperparameters back into the optimizer's groups.
+
+    Loading restores the optimizer's param groups (lr, weight decay, betas, eps) and the scheduler's base
+    rates as the checkpoint's run had them; the scheduler's lambda is this config's. With an unchanged
+    config that is the same thing (the lr is recomputed bit for bit: base * lambda(step), as the scheduler
+    does); under ``resume: force`` it is not: extending a finished cosine run trained its first new step
+    at the old schedule's end value (0.0), and a changed optim.lr / weight_decay / betas / eps was ignored.
+    ``fresh``: per group, CONFIG_HPARAMS as this config built them (same group order: same param_groups).
+    """
+    groups = optimizer.param_groups
+    if len(groups) != len(fresh):
+        raise RuntimeError(f"checkpoint has {len(groups)} optimizer param groups, this config builds {len(fresh)}")
+    for group, want in zip(groups, fresh):
+        group.update(want)
+    scheduler.base_lrs = [want["initial_lr"] for want in fresh]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (torch keeps it in this attribute)
+
+
 class Engine:
     """DeepSpeed engine plus the few collectives the loop needs."""
 
@@ -105,6 +131,7 @@ class Engine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self._fresh_hparams = [{k: g[k] for k in CONFIG_HPARAMS} for g in self.scheduler.optimizer.param_groups]
         self.device = device()
         # DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16) keep the step's pre-clipping gradient norm; with the
         # plain optimizer (ZeRO 0, fp32) DeepSpeed clips without keeping it, so step() measures it itself
@@ -220,6 +247,7 @@ class Engine:
                                                          load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        reapply_config_hparams(self.scheduler.optimizer, self.scheduler, self._fresh_hparams)
         return client_state or {}
 
 

@@ -242,6 +242,16 @@ def test_reusing_a_run_dir_never_mixes_two_configs(tiny, tmp_path):
     last = json.loads((run / "env.json").read_text())["starts"][-1]
     assert last["resumed_from"] == "step_00000004" and last["config_changes"] == ["optim.lr: 0.003 -> 0.0001"]
 
+    # extending the finished run under force: from its first new step the new schedule's lr (it trained at
+    # the old cosine's end value, 0.0) and the new optim.lr (the checkpoint's base rate was kept)
+    longer = [*LEARN, "--train.max_steps", "6", "--train.save_every", "2", "--optim.lr", "2e-4"]
+    run_train(tiny, run, [*longer, "--resume", "force"])
+    from lvlm.config import load_config
+    from lvlm.train.engine import lr_lambda
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r and r.get("step", 0) > 4}
+    schedule = lr_lambda(load_config(None, longer))
+    assert lrs == pytest.approx({5: 2e-4 * schedule(4), 6: 2e-4 * schedule(5)}, rel=1e-12) and lrs[5] > 0
+
     proc = run_train(tiny, run, [*LEARN, "--train.max_steps", "2", "--resume", "false"])
     (old,) = (run / "superseded").iterdir()
     assert (old / "checkpoints" / "step_00000004" / COMPLETE).is_file() and (old / "metrics.jsonl").is_file()

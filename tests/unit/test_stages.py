@@ -88,6 +88,59 @@ def test_per_part_learning_rates(dirs):
     assert n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _optimizer(cfg: Config, params: list[torch.nn.Parameter]):
+    from lvlm.train.engine import lr_lambda
+
+    groups = [{"params": params[:1], "weight_decay": cfg.optim.weight_decay, "lr": cfg.optim.lr, "name": "c"},
+              {"params": params[1:], "weight_decay": 0.0, "lr": cfg.optim.lr, "name": "c"}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def test_a_loaded_checkpoint_keeps_this_configs_optimizer_hyperparameters():
+    """Loading restores the checkpoint run's lr, weight decay, betas and eps into the optimizer groups; the
+    engine puts this config's back (resume force: extending a finished cosine run trained at lr 0.0 and a
+    changed weight decay was ignored). With an unchanged config the restored state stays bit-identical."""
+    from lvlm.train.engine import CONFIG_HPARAMS, lr_lambda, reapply_config_hparams
+
+    params = [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
+    old = load_config(None, ["--train.max_steps", "4", "--optim.lr", "1e-3", "--optim.schedule", "cosine"])
+    opt, sched = _optimizer(old, params)
+    for _ in range(4):
+        params[0].grad, params[1].grad = torch.ones(3, 3), torch.ones(3)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0                              # the old schedule's end
+    saved = opt.state_dict(), sched.state_dict()
+
+    same_opt, same_sched = _optimizer(old, params)                       # unchanged config: nothing moves
+    fresh = [{k: g[k] for k in CONFIG_HPARAMS} for g in same_opt.param_groups]
+    same_opt.load_state_dict(saved[0])
+    same_sched.load_state_dict(saved[1])
+    restored = [dict((k, v) for k, v in g.items() if k != "params") for g in same_opt.param_groups]
+    reapply_config_hparams(same_opt, same_sched, fresh)
+    assert [dict((k, v) for k, v in g.items() if k != "params") for g in same_opt.param_groups] == restored
+    assert same_sched.get_last_lr() == [0.0, 0.0]
+
+    new = load_config(None, ["--train.max_steps", "8", "--optim.lr", "2e-3", "--optim.schedule", "cosine",
+                             "--optim.weight_decay", "0.1", "--optim.beta2", "0.95", "--optim.eps", "1e-6"])
+    new_opt, new_sched = _optimizer(new, params)
+    fresh = [{k: g[k] for k in CONFIG_HPARAMS} for g in new_opt.param_groups]
+    new_opt.load_state_dict(saved[0])
+    new_sched.load_state_dict(saved[1])
+    assert new_opt.param_groups[0]["lr"] == 0.0 and new_opt.param_groups[0]["weight_decay"] == old.optim.weight_decay
+    reapply_config_hparams(new_opt, new_sched, fresh)
+    want = 2e-3 * lr_lambda(new)(4)
+    assert want > 0 and [g["lr"] for g in new_opt.param_groups] == [want, want] == new_sched.get_last_lr()
+    assert [g["weight_decay"] for g in new_opt.param_groups] == [0.1, 0.0]
+    assert all(g["betas"] == (new.optim.beta1, 0.95) and g["eps"] == 1e-6 for g in new_opt.param_groups)
+    assert new_sched.last_epoch == 4 and new_opt.state[params[0]]["step"] == 4   # moments and step kept
+    params[0].grad, params[1].grad = torch.ones(3, 3), torch.ones(3)
+    new_opt.step()
+    new_sched.step()
+    assert new_sched.get_last_lr()[0] == pytest.approx(2e-3 * lr_lambda(new)(5))
+
+
 def lora_stage(save="merged", r=4):
     return StageConfig(train_llm=True, lora=LoRAConfig(r=r, alpha=8, dropout=0.0, save=save))
 
