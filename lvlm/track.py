@@ -50,9 +50,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a record, flattened to ``a/b/c`` names (lists become ``name_i``; bools skipped)."""
+    """Numeric leaves of a record, flattened to ``a/b/c`` names (bools skipped). A list becomes ``name_k``
+    numbered from 1: ``mir/per_layer_k`` is LLM layer k (hidden_states[k]), as in the per-layer PNG."""
     out: dict[str, float] = {}
-    items: Any = record.items() if isinstance(record, dict) else enumerate(record)
+    items: Any = record.items() if isinstance(record, dict) else enumerate(record, start=1)
     for key, value in items:
         name = f"{prefix}{key}" if isinstance(record, dict) else f"{prefix[:-1]}_{key}"
         if isinstance(value, bool) or key in ("step", "kind"):

@@ -430,7 +430,8 @@ class MIRConfig:
     memory_gb: float = 8.0
     """Memory budget for pooled probe rows when layers_per_pass is 0 (rows stay in the model's dtype)."""
     system_prompt: str = LLAVA_SYSTEM
-    """System text before ``USER:`` when the tokenizer has no chat template (LLaVA v1 format)."""
+    """System text before ``USER:`` when the tokenizer has no chat template (LLaVA v1 format); with a chat
+    template, a system message when changed from this default (the default leaves the template's own)."""
 
 
 @dataclass

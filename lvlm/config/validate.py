@@ -183,8 +183,11 @@ def validate(cfg: Config) -> Config:
     _positive("mir.layers_per_pass", cfg.mir.layers_per_pass, allow_zero=True)
     if not cfg.mir.memory_gb > 0:
         raise ConfigError(f"mir.memory_gb must be > 0 (GiB for pooled probe rows), got {cfg.mir.memory_gb}")
-    if cfg.mir.num_samples < 2:
-        raise ConfigError(f"mir.num_samples must be >= 2 (covariances need two rows), got {cfg.mir.num_samples}")
+    if cfg.mir.num_samples < 1:
+        raise ConfigError(f"mir.num_samples must be >= 1 (probe images), got {cfg.mir.num_samples}")
+    if not cfg.mir.system_prompt.strip():
+        raise ConfigError("mir.system_prompt is empty: the LLaVA v1 probe format always has a system text "
+                          "(an empty one would silently be LLaVA's); give one or leave the default")
     _check_stage(cfg)
     return cfg
 

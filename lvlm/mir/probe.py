@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from lvlm.config.schema import MIRConfig, SourceConfig
+from lvlm.config.schema import LLAVA_SYSTEM, MIRConfig, SourceConfig
 from lvlm.data.collate import collate
 from lvlm.data.sample import ImageSegment, Sample, TextSegment
 from lvlm.data.skips import SkipCounter
@@ -132,7 +132,9 @@ def build_probe(cfg: MIRConfig, *, tokenizer, image_transform, image_size: int, 
                      _describe(cfg.images), skips)
     texts = _select(text_refs, cfg.num_samples, rng, f"lvlm.mir.probe/{cfg.seed}/texts", _text_of, "texts",
                     _describe(cfg.texts), skips)
-    system = "" if getattr(tokenizer, "chat_template", None) else cfg.system_prompt  # a template has its own
+    # a chat template has its own default system text: mir.system_prompt becomes a system message only when set
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    system = "" if templated and cfg.system_prompt == LLAVA_SYSTEM else cfg.system_prompt
     tok = SampleTokenizer(tokenizer, image_token_id=image_token_id, tokens_per_image=tokens_per_image,
                           max_length=cfg.max_length, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                           system_prompt=system)
@@ -152,6 +154,10 @@ def build_probe(cfg: MIRConfig, *, tokenizer, image_transform, image_size: int, 
         if batch["num_samples"] != len(chunk):  # decoded once already in _select: a changed file
             raise ValueError("a probe image could not be decoded; use other mir.images")
         batches.append(add_row_masks(batch, image_token_id))
+    rows = [sum(int(b[k].sum()) for b in batches) for k in ("vision_mask", "text_mask")]
+    if min(rows) < 2:
+        raise ValueError(f"the probe gives {rows[0]} vision rows (image tokens) and {rows[1]} text rows; each "
+                         "covariance needs at least 2: raise mir.num_samples (or mir.max_length)")
     return ProbeSet(batches=batches, digest=_digest(images, samples, batches, image_transform),
                     num_samples=len(samples), skipped=skips.as_dict())
 

@@ -87,6 +87,8 @@ def test_override_of_choice_field_keeps_current_type():
     (["--model.connector.type", "qformer", "--model.connector.cross_attention_every", "0"],
      "model.connector.cross_attention_every must be > 0"),
     (["--model.llm.image_token", " "], "model.llm.image_token is empty"),
+    (["--mir.system_prompt", ""], "mir.system_prompt is empty"),
+    (["--mir.num_samples", "0"], "mir.num_samples must be >= 1"),
     # keys the rest of the config leaves without effect
     (["--data.source.type", "interleaved", "--data.source.image_position", "after"],
      "applies to format mmc4 only"),

@@ -113,3 +113,43 @@ def test_an_undecodable_probe_image_is_passed_over_and_counted(tmp_path):
     with pytest.raises(ValueError, match=r"needs 6 images; fewer .* usable .*mir_images_unreadable': 5"):
         probe(MIRConfig(images=images, texts=texts, num_samples=6, max_length=256))
 
+
+
+def test_one_probe_sample_works_while_the_rows_allow_covariances(sources):
+    """N = 1 is a valid probe (rows are tokens: 3 image tokens, the text's tokens); a probe with fewer than 2
+    vision rows is refused, naming mir.num_samples."""
+    images, texts, _, _ = sources
+    got, _, image_id = probe(MIRConfig(images=images, texts=texts, num_samples=1, max_length=256))
+    (batch,) = got.batches
+    assert got.num_samples == 1 and int(batch["vision_mask"].sum()) == TOKENS and int(batch["text_mask"].sum()) >= 2
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    with pytest.raises(ValueError, match=r"1 vision rows .* at least 2: raise mir.num_samples"):
+        build_probe(MIRConfig(images=images, texts=texts, num_samples=1, max_length=256), tokenizer=tok,
+                    image_transform=image_transform(), image_size=IMAGE_SIZE, tokens_per_image=1,
+                    image_token_id=tok.convert_tokens_to_ids("<image>"), bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def test_mir_system_prompt_reaches_a_chat_template_only_when_set(sources):
+    """Without a template the LLaVA v1 system text is mir.system_prompt; with one, the default leaves the
+    template's own and a changed mir.system_prompt becomes its system message (it was dropped silently)."""
+    images, texts, _, _ = sources
+    cfg = dict(images=images, texts=texts, num_samples=2, max_length=256)
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}{{ eos_token }}{% endfor %}"
+
+    def ids(**extra):
+        out = build_probe(MIRConfig(**cfg, **extra), tokenizer=tok, image_transform=image_transform(),
+                          image_size=IMAGE_SIZE, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          tokens_per_image=TOKENS, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+        return tok.decode(out.batches[0]["input_ids"][0])
+
+    default, briefed = ids(), ids(system_prompt="describe the red circle")
+    turns = default[default.index("user :"):]                           # the template's own: no system turn
+    assert default.count(" : ") == 2 and "describe" not in default
+    assert briefed.endswith(turns) and ": describe the red circle </s> user :" in briefed   # one system turn more
+    plain = probe(MIRConfig(**cfg, system_prompt="describe the red circle"))
+    assert plain[1].decode(plain[0].batches[0]["input_ids"][0]).startswith("<s> describe the red circle user :")

@@ -13,7 +13,7 @@ def test_scalars_flatten_numeric_fields():
     record = {"kind": "train", "step": 3, "loss": 1.5, "skipped": {"a/empty_text": 2}, "ok": True,
               "per_layer": [0.5, 0.25], "note": "x", "sources": {"text": {"samples": 4}}}
     assert scalars(record, "train/") == {"train/loss": 1.5, "train/skipped/a/empty_text": 2.0,
-                                         "train/per_layer_0": 0.5, "train/per_layer_1": 0.25,
+                                         "train/per_layer_1": 0.5, "train/per_layer_2": 0.25,
                                          "train/sources/text/samples": 4.0}
 
 
@@ -32,7 +32,7 @@ def test_tensorboard_event_file_and_jsonl(tmp_path):
     events.Reload()
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.333333)]
     assert events.Scalars("mir/mir")[0].value == pytest.approx(0.7)
-    assert events.Scalars("mir/per_layer_1")[0].value == pytest.approx(2.0)
+    assert events.Scalars("mir/per_layer_2")[0].value == pytest.approx(2.0)   # LLM layer 2 (numbered from 1)
 
 
 def test_disabled_rank_writes_nothing(tmp_path):
