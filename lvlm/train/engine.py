@@ -29,7 +29,11 @@ def init_distributed() -> tuple[int, int, int]:
     """Start (or join) the process group; returns (rank, world_size, local_rank)."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # plain `python -m lvlm ...` / `lvlm train`: a world of one
+    if "RANK" in os.environ:  # started by a launcher: die (cleanly: SIGTERM -> checkpoint) with it
+        from lvlm.train.preempt import die_with_launcher
+
+        die_with_launcher()
+    else:  # plain `python -m lvlm ...` / `lvlm train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

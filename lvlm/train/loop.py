@@ -27,6 +27,7 @@ from lvlm.track import Tracker
 from lvlm.train import checkpoint, engine as eng, lora, stages
 from lvlm.train.preempt import PreemptionFlag
 from lvlm.train.rundir import check_resume, supersede, write_run_record
+from lvlm.train.runlock import RunLock
 
 log = logging.getLogger("lvlm.train")
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids", "sequence_ids")
@@ -75,11 +76,20 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def train(cfg: Config) -> Summary:
     rank, world, _ = eng.init_distributed()
+    lock = RunLock(Path(cfg.run_dir), enabled=rank == 0)  # one process group per run directory
+    try:
+        return _train(cfg, rank, world, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, rank: int, world: int, lock: RunLock) -> Summary:
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     seed_everything(cfg.seed)
     changes = _check_run_dir(cfg, run_dir, world)
+    lock.acquire()  # an existing run dir: before any work, so a second launch is refused at once
 
     log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
@@ -101,6 +111,7 @@ def train(cfg: Config) -> Summary:
         model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()  # a new run dir: as soon as it exists
     engine = eng.Engine(cfg, model, run_dir, rank, world)
     stages.set_train_modes(engine.module.module, plan)
 

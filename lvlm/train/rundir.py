@@ -118,7 +118,9 @@ def supersede(run_dir: Path) -> Path | None:
     """Move everything in ``run_dir`` (an earlier run's checkpoints, metrics, plots, records) to
     ``run_dir/superseded/<time>/``; returns that folder, or None when there was nothing to move."""
     run_dir = Path(run_dir)
-    entries = [p for p in run_dir.iterdir() if p.name != SUPERSEDED] if run_dir.is_dir() else []
+    from lvlm.train.runlock import LOCK_NAME  # the live run's lock stays where it is
+
+    entries = [p for p in run_dir.iterdir() if p.name not in (SUPERSEDED, LOCK_NAME)] if run_dir.is_dir() else []
     if not entries:
         return None
     dest = run_dir / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S")

@@ -447,3 +447,41 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tiny, tmp_path):
     resumed = run_train(tiny, run, extra)        # the same command, no --resume flag
     assert f"resumed from {saved[0]}" in resumed.stdout + resumed.stderr
     assert losses(run) == losses(ref)            # bit for bit, as the kill-and-resume test
+
+
+@pytest.mark.slow
+def test_ranks_of_a_killed_launcher_checkpoint_and_exit_and_a_busy_run_dir_is_refused(tiny, tmp_path):
+    """SIGKILL to torchrun's process group (its workers run in their own sessions, so it never reaches them):
+    the ranks get SIGTERM from the kernel as their launcher dies, save a checkpoint and exit, instead of
+    training on, orphaned, beside a relaunch of the same command. A launch into a run dir whose lock is held
+    is refused before any work."""
+    import os
+
+    from lvlm.train.runlock import RunLock
+
+    run = tmp_path / "killed"
+    extra = [*LEARN, "--train.max_steps", "400", "--train.save_every", "0", "--train.micro_batch_size", "4"]
+    proc = subprocess.Popen(train_cmd(tiny, run, extra, launcher="torchrun", nproc=2), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+        assert proc.poll() is None and time.time() < deadline, "run ended or hung before step 3"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)                              # EOF: every rank has exited
+    assert "preemption signal (SIGTERM)" in out, out[-3000:]
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step_*") if (p / COMPLETE).is_file())
+    assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 400
+    summary = [r for r in read_metrics(metrics) if r.get("kind") == "summary"]
+    assert len(summary) == 1 and summary[0]["preempted"] is True
+
+    held = RunLock(run)
+    held.acquire()
+    try:
+        busy = subprocess.run(train_cmd(tiny, run, extra, launcher="torchrun", nproc=2), cwd=REPO, env=env(),
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        held.release()
+    assert busy.returncode != 0 and "is in use by another training run" in busy.stderr, busy.stderr[-2000:]
+    assert "building model" not in busy.stderr and len(list((run / "checkpoints").glob("step_*"))) == 1
