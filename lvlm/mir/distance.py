@@ -47,7 +47,7 @@ def check_cross(cross: str) -> str:
 
 def as_float64(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
     """A float64 [rows, dim] tensor (on `device` when given); ValueError on bad shape or values."""
-    t, fresh = _float64_tensor(x, name, device)
+    t, _ = _float64_tensor(x, name, device)
     _row_norms_checked(t, name)
     return t
 
