@@ -89,7 +89,7 @@ def _train(cfg: Config, rank: int, world: int, lock: RunLock) -> Summary:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     seed_everything(cfg.seed)
     changes = _check_run_dir(cfg, run_dir, world)
-    lock.acquire()  # an existing run dir: before any work, so a second launch is refused at once
+    lock.check()  # a run dir another live run holds: refused before any work (writes nothing)
 
     log.info("building model: vision=%s connector=%s llm=%s", type(cfg.model.vision).__name__,
              type(cfg.model.connector).__name__, cfg.model.llm.name_or_path)
@@ -111,7 +111,7 @@ def _train(cfg: Config, rank: int, world: int, lock: RunLock) -> Summary:
         model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock.acquire()  # a new run dir: as soon as it exists
+    lock.acquire()  # held from here until train() returns
     engine = eng.Engine(cfg, model, run_dir, rank, world)
     stages.set_train_modes(engine.module.module, plan)
 

@@ -1,7 +1,9 @@
 """One training process group per run directory: an exclusive lock held by rank 0 while it trains.
 
-Owns ``RUN_DIR/.lock``: rank 0 takes an exclusive ``flock`` on it as soon as the run directory exists and
-keeps it until ``train`` returns; the kernel drops it when the process dies, however it dies. A second
+Owns ``RUN_DIR/.lock``: rank 0 takes an exclusive ``flock`` on it once the config, model and data are
+accepted and the run directory exists, and keeps it until ``train`` returns; the kernel drops it when the
+process dies, however it dies. Before any work, ``check`` refuses a run directory whose lock is held
+without writing anything (a refused config leaves the directory as it was). A second
 launch into the same run directory while the first still runs (e.g. ranks that outlived a SIGKILLed
 launcher, or the same command started twice) is refused with the holder's pid and host, instead of two
 runs writing the same checkpoints and metrics. Assumes a file system with flock (local disks, NFSv4,
@@ -27,7 +29,8 @@ class RunDirBusy(ConfigError):
 
 
 class RunLock:
-    """``acquire()`` (idempotent; only when ``enabled``) and ``release()``; the lock file itself stays."""
+    """``check()``, ``acquire()`` (idempotent) and ``release()``, all no-ops unless ``enabled`` (rank 0); the
+    lock file itself stays."""
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.path = Path(run_dir) / LOCK_NAME
@@ -38,19 +41,29 @@ class RunLock:
     def held(self) -> bool:
         return self._file is not None
 
+    def check(self) -> None:
+        """RunDirBusy when another process holds the lock; creates and holds nothing."""
+        if not self.enabled or self.held or not self.path.is_file():
+            return
+        try:
+            f = open(self.path)
+        except OSError:
+            return
+        with f:  # closing f drops the lock taken to test it
+            try:
+                self._lock_or_raise(f)
+            except OSError:  # no flock on this file system (RunDirBusy is not an OSError)
+                return
+
     def acquire(self) -> None:
         if not self.enabled or self.held or not self.path.parent.is_dir():
             return
         f = open(self.path, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
+            self._lock_or_raise(f)
+        except RunDirBusy:
             f.close()
-            raise RunDirBusy(
-                f"run_dir {self.path.parent} is in use by another training run ({holder}); wait for it to end or "
-                "stop it (ranks can outlive a launcher killed with SIGKILL), or choose another --run_dir") from None
+            raise
         except OSError as e:  # no flock on this file system: nothing to hold
             f.close()
             log.warning("run_dir %s cannot be locked (%s): a second launch into it would not be refused",
@@ -61,6 +74,16 @@ class RunLock:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         self._file = f
+
+    def _lock_or_raise(self, f) -> None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunDirBusy(
+                f"run_dir {self.path.parent} is in use by another training run ({holder}); wait for it to end or "
+                "stop it (ranks can outlive a launcher killed with SIGKILL), or choose another --run_dir") from None
 
     def release(self) -> None:
         if self._file is not None:

@@ -23,11 +23,15 @@ def test_a_held_run_dir_refuses_a_second_run_until_released(tmp_path):
     second = RunLock(tmp_path)
     with pytest.raises(RunDirBusy, match=rf"in use by another training run \(pid {os.getpid()} on .*--run_dir"):
         second.acquire()                                                # flock: a second descriptor conflicts
+    with pytest.raises(RunDirBusy, match="in use by another training run"):
+        second.check()                                                  # the check before any work
     assert isinstance(RunDirBusy("x"), ConfigError) and not second.held
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     moved = supersede(tmp_path)                                         # resume false moves the old run, not the lock
     assert (moved / "metrics.jsonl").is_file() and (tmp_path / LOCK_NAME).is_file()
     first.release()
+    second.check()                                                      # free again: passes, holds nothing
+    assert not second.held
     second.acquire()
     assert second.held
     second.release()
@@ -35,7 +39,9 @@ def test_a_held_run_dir_refuses_a_second_run_until_released(tmp_path):
 
 def test_other_ranks_and_missing_dirs_take_no_lock(tmp_path):
     RunLock(tmp_path, enabled=False).acquire()
+    RunLock(tmp_path).check()                                           # an unlocked run dir: nothing written
     missing = RunLock(tmp_path / "not-yet")
+    missing.check()
     missing.acquire()                                                   # the run dir is created later
     assert not (tmp_path / LOCK_NAME).exists() and not missing.held and not (tmp_path / "not-yet").exists()
 
