@@ -61,9 +61,7 @@ class TorchOps:
     def sq_norm(x) -> float:                                            # sum of squares, no [n, d] temporary
         return float(torch.linalg.vector_norm(x) ** 2)
 
-    @staticmethod
-    def gram(x):                                                        # x [n, d] -> x^T x [d, d]
-        return gram(x)
+    gram = staticmethod(gram)                                           # x [n, d] -> x^T x [d, d], block-wise
 
     @staticmethod
     def cholesky(s):                                                    # lower factor, or None if not PD

@@ -26,6 +26,7 @@ import yaml
 from lvlm.config import dump_config
 from lvlm.config.dotted import flatten
 from lvlm.config.schema import Config
+from lvlm.train.runlock import LOCK_NAME
 
 PACKAGES = ("lvlm", "torch", "torchvision", "deepspeed", "transformers", "peft", "accelerate",
             "open_clip_torch", "timm", "webdataset", "draccus", "tokenizers", "safetensors", "numpy", "pillow")
@@ -118,8 +119,7 @@ def supersede(run_dir: Path) -> Path | None:
     """Move everything in ``run_dir`` (an earlier run's checkpoints, metrics, plots, records) to
     ``run_dir/superseded/<time>/``; returns that folder, or None when there was nothing to move."""
     run_dir = Path(run_dir)
-    from lvlm.train.runlock import LOCK_NAME  # the live run's lock stays where it is
-
+    # the live run's lock stays where it is
     entries = [p for p in run_dir.iterdir() if p.name not in (SUPERSEDED, LOCK_NAME)] if run_dir.is_dir() else []
     if not entries:
         return None
