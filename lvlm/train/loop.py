@@ -181,8 +181,7 @@ def _train(cfg: Config, rank: int, world: int, lock: RunLock) -> Summary:
             micro = [next(batches) for _ in range(accum)]
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
             local_images = sum(b["pixel_values"].shape[0] for b in micro)
-            (global_tokens, stop, images) = engine.all_reduce_sum([local_tokens, float(preempt.requested),
-                                                                   float(local_images)])
+            (global_tokens, images) = engine.all_reduce_sum([local_tokens, float(local_images)])
             # the first-step gradient check waits for a step with an image (on any rank): without one the parts
             # before the LLM get no gradient (a text-only first batch of a mixture, every image skipped so far)
             check_now = grad_check_pending and (images > 0 or not image_parts)
@@ -207,7 +206,10 @@ def _train(cfg: Config, rank: int, world: int, lock: RunLock) -> Summary:
                 loss_parts.append(out.loss_sum.detach().double())
                 per_worker[batch["batch_index"] % workers] = batch["skipped"]
             loss_sum = float(torch.stack(loss_parts).sum())
-            (loss_total, *mix_counts) = engine.all_reduce_sum([loss_sum, *mix_counts])
+            # the preemption flag rides on the all-reduce every step makes after its update: a signal that
+            # arrives during this step's compute stops the run after this step, on every rank alike
+            (loss_total, stop, *mix_counts) = engine.all_reduce_sum([loss_sum, float(preempt.requested),
+                                                                     *mix_counts])
             step_sources = {name: {"samples": int(mix_counts[2 * j]), "tokens": int(mix_counts[2 * j + 1])}
                             for j, name in enumerate(mix_names)}
             for name, c in step_sources.items():

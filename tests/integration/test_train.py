@@ -449,6 +449,38 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tiny, tmp_path):
     assert losses(run) == losses(ref)            # bit for bit, as the kill-and-resume test
 
 
+# Runs `lvlm train` with Engine.backward sending SIGTERM to its own process during step argv[1]'s backward pass.
+SIGNAL_IN_STEP = """
+import os, runpy, signal, sys
+from lvlm.train.engine import Engine
+at, calls, backward = int(sys.argv.pop(1)), [0], Engine.backward
+def signalling_backward(self, loss):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return backward(self, loss)
+Engine.backward = signalling_backward
+sys.argv[0] = "lvlm"
+runpy.run_module("lvlm", run_name="__main__")
+"""
+
+
+def test_a_signal_during_a_step_stops_after_that_step(tiny, tmp_path):
+    """SIGTERM during step 3's backward pass: step 3 finishes, its checkpoint is the one saved and no step 4
+    runs (the flag is read in the all-reduce after the update; read at the next step's start, a 4th step ran)."""
+    run = tmp_path / "run"
+    cmd = train_cmd(tiny, run, [*LEARN, "--train.max_steps", "8", "--train.save_every", "0",
+                                "--data.num_workers", "0"])
+    assert cmd[1:3] == ["-m", "lvlm"]
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_STEP, "3", *cmd[3:]], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption signal (SIGTERM): checkpoint at step 3 saved" in out, out[-3000:]
+    assert sorted(losses(run)) == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003"]
+
+
 @pytest.mark.slow
 def test_ranks_of_a_killed_launcher_checkpoint_and_exit_and_a_busy_run_dir_is_refused(tiny, tmp_path):
     """SIGKILL to torchrun's process group (its workers run in their own sessions, so it never reaches them):
